@@ -1,0 +1,234 @@
+"""Small helpers shared by the example scripts (``run_translation.py``, ``run_image_classification.py``).
+
+They cover what every LABO training script repeats: failing fast with a useful message when a Hub id
+cannot be reached, resolving the checkpoint to resume from, logging the process layout, and describing the
+label regularizer in the model card. Nothing here touches the loss; see `labo_hf.losses` for that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = [
+    "LABO_MODEL_CARD_MARKER",
+    "check_hub_reachable_or_local",
+    "hub_load_errors",
+    "label_regularization_summary",
+    "labo_model_card_kwargs",
+    "labo_model_card_section",
+    "log_process_summary",
+    "resolve_checkpoint",
+    "write_labo_model_card",
+]
+
+# Heading of the section `write_labo_model_card` appends; also used to keep that call idempotent.
+LABO_MODEL_CARD_MARKER = "## Label regularization (LABO)"
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything absolute, relative-explicit, home-relative or with more than
+    # one separator can only be a local path, so a missing one is a typo and not a Hub lookup.
+    return (
+        os.path.isabs(name)
+        or name.startswith(("./", "../", "~", ".\\", "..\\"))
+        or name.count("/") > 1
+        or "\\" in name
+    )
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency of transformers and datasets
+        return os.environ.get("HF_HUB_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _in_hub_cache(name: str, repo_type: str, cache_dir: str | None) -> bool:
+    from huggingface_hub import constants
+
+    folder = f"{repo_type}s--" + name.replace("/", "--")
+    roots = [cache_dir] if cache_dir else [constants.HF_HUB_CACHE]
+    if repo_type == "dataset":
+        # `datasets` keeps its own cache of prepared data next to the Hub snapshot cache.
+        roots.append(os.environ.get("HF_DATASETS_CACHE", os.path.join(constants.HF_HOME, "datasets")))
+    for root in roots:
+        if os.path.isdir(os.path.join(root, folder)):
+            return True
+        if repo_type == "dataset" and os.path.isdir(os.path.join(root, name.replace("/", "___"))):
+            return True
+    return False
+
+
+def check_hub_reachable_or_local(
+    name: str,
+    flag: str,
+    local_alternative: str,
+    *,
+    repo_type: str = "model",
+    cache_dir: str | None = None,
+) -> None:
+    """Fail fast, before any loading, when ``name`` (the value of ``flag``) can be neither read locally nor
+    fetched from the Hub.
+
+    Accepts an existing local file or folder, and a Hub id that is either cached or reachable (online mode).
+    Raises ``ValueError`` naming ``flag`` when ``name`` is a missing local path, or when the Hub is offline
+    (``HF_HUB_OFFLINE=1``) and ``name`` is not in the cache; the message ends with ``local_alternative``, e.g.
+    "Train from scratch with --model_type marian or pass a local folder.". ``repo_type`` is "model" or
+    "dataset". Online failures happen during loading: wrap the load in `hub_load_errors` for those.
+    """
+    if os.path.exists(name):
+        return
+    if _looks_like_local_path(name):
+        raise ValueError(f"{flag}={name!r}: no such local file or folder. {local_alternative}")
+    if _hub_offline() and not _in_hub_cache(name, repo_type, cache_dir):
+        raise ValueError(
+            f"{flag}={name!r} is neither a local file or folder nor in the Hugging Face cache, and the Hub is "
+            f"offline (HF_HUB_OFFLINE is set). {local_alternative}"
+        )
+
+
+@contextmanager
+def hub_load_errors(name: str, flag: str, local_alternative: str) -> Iterator[None]:
+    """Context manager turning an ``OSError`` raised while loading ``name`` (the value of ``flag``) into a
+    ``ValueError`` that names the flag and the local alternative.
+
+    transformers' ``from_pretrained`` and datasets' ``load_dataset`` report an unreachable or unknown Hub id
+    as ``OSError`` (``ConnectionError``, ``FileNotFoundError``, ...); the original error stays chained.
+    """
+    try:
+        yield
+    except OSError as err:
+        raise ValueError(
+            f"{flag}={name!r} could not be loaded from a local path or the Hugging Face Hub ({err}). "
+            f"{local_alternative}"
+        ) from err
+
+
+def resolve_checkpoint(training_args: Any, logger: logging.Logger | None = None) -> str | None:
+    """Return the checkpoint folder that ``trainer.train(resume_from_checkpoint=...)`` should use, or None.
+
+    ``--resume_from_checkpoint PATH`` wins and must be an existing folder (``ValueError`` naming the flag
+    otherwise). Without it, and with ``--do_train``, the last ``checkpoint-*`` folder in ``--output_dir`` is
+    resumed from, as the transformers example scripts do (logged, since it changes what training does);
+    choose another ``--output_dir`` to start over.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if training_args.resume_from_checkpoint is not None:
+        if not os.path.isdir(training_args.resume_from_checkpoint):
+            raise ValueError(
+                f"--resume_from_checkpoint={training_args.resume_from_checkpoint!r} is not a folder. Pass a "
+                "checkpoint folder written by a previous run (e.g. OUTPUT_DIR/checkpoint-500)."
+            )
+        return training_args.resume_from_checkpoint
+    if not training_args.do_train or not os.path.isdir(training_args.output_dir):
+        return None
+    last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    if last_checkpoint is not None and logger is not None:
+        logger.info(
+            f"Checkpoint detected, resuming training at {last_checkpoint}. To train from scratch instead, "
+            "choose another --output_dir."
+        )
+    return last_checkpoint
+
+
+def log_process_summary(logger: logging.Logger, training_args: Any) -> None:
+    """Log, on every process, its rank, the world size, the device and the precision.
+
+    The world size is logged explicitly because it is what changes between plain ``python``, ``torchrun`` and
+    ``accelerate launch`` runs of the same command, and tests read it back.
+    """
+    logger.warning(
+        f"Process rank: {training_args.process_index}, world size: {training_args.world_size}, "
+        f"device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
+        f"distributed training: {training_args.parallel_mode.value == 'distributed'}, "
+        f"fp16: {training_args.fp16}, bf16: {training_args.bf16}"
+    )
+
+
+def label_regularization_summary(training_args: Any) -> dict[str, Any]:
+    """The regularizer and the hyperparameters actually used (defaults filled in), as a flat dict:
+    ``{"label_regularizer": ..., "label_regularizer_alpha": ..., "labo_temperature": ...}``
+    (``labo_temperature`` is None unless the regularizer is ``labo``)."""
+    return {
+        "label_regularizer": training_args.label_regularizer,
+        "label_regularizer_alpha": training_args.resolved_label_regularizer_alpha,
+        "labo_temperature": training_args.resolved_labo_temperature,
+    }
+
+
+def labo_model_card_kwargs(
+    training_args: Any,
+    tasks: str,
+    dataset: str | None = None,
+    *,
+    dataset_tags: str | None = None,
+    dataset_args: str | None = None,
+    finetuned_from: str | None = None,
+    language: str | list[str] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for ``trainer.create_model_card(**kw)`` / ``trainer.push_to_hub(**kw)``.
+
+    The tags name the method and its hyperparameters (``labo``, ``label-regularizer-labo``,
+    ``label-regularizer-alpha-0.1``, ``labo-temperature-2.0``), so they reach the Hub's metadata even though
+    ``push_to_hub`` regenerates the card. Arguments left as None are omitted.
+    """
+    summary = label_regularization_summary(training_args)
+    tags = ["labo", "label-regularization", f"label-regularizer-{summary['label_regularizer']}"]
+    tags.append(f"label-regularizer-alpha-{summary['label_regularizer_alpha']:g}")
+    if summary["labo_temperature"] is not None:
+        tags.append(f"labo-temperature-{summary['labo_temperature']:g}")
+    kwargs: dict[str, Any] = {"tasks": tasks, "tags": tags}
+    optional = {
+        "dataset": dataset,
+        "dataset_tags": dataset_tags,
+        "dataset_args": dataset_args,
+        "finetuned_from": finetuned_from,
+        "language": language,
+    }
+    kwargs.update({key: value for key, value in optional.items() if value is not None})
+    return kwargs
+
+
+def labo_model_card_section(training_args: Any) -> str:
+    """Markdown section describing the label regularizer and its resolved hyperparameters."""
+    summary = label_regularization_summary(training_args)
+    descriptions = {
+        "labo": (
+            "LABO (optimal label smoothing, Lu et al., Findings of ACL 2023): the smoothing mass alpha is spread "
+            "over the non-target classes by a softmax of the model's own logits at temperature T."
+        ),
+        "label_smoothing": "conventional label smoothing (uniform over all classes), a LABO-project baseline.",
+        "cross_entropy": "plain cross-entropy (no label regularization), a LABO-project baseline.",
+    }
+    lines = [
+        LABO_MODEL_CARD_MARKER,
+        "",
+        f"Trained with labo-hf; loss: {descriptions.get(summary['label_regularizer'], summary['label_regularizer'])}",
+        "",
+        f"- label_regularizer: {summary['label_regularizer']}",
+        f"- label_regularizer_alpha: {summary['label_regularizer_alpha']}",
+    ]
+    if summary["labo_temperature"] is not None:
+        lines.append(f"- labo_temperature: {summary['labo_temperature']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_labo_model_card(trainer: Any, **kwargs: Any) -> None:
+    """``trainer.create_model_card(**kwargs)`` followed by the LABO section (`labo_model_card_section`)
+    appended to ``OUTPUT_DIR/README.md``. Only the main process writes; appending twice is a no-op."""
+    trainer.create_model_card(**kwargs)
+    if not trainer.is_world_process_zero():
+        return
+    path = os.path.join(trainer.args.output_dir, "README.md")
+    with open(path, encoding="utf-8") as f:
+        card = f.read()
+    if LABO_MODEL_CARD_MARKER in card:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n" + labo_model_card_section(trainer.args))
