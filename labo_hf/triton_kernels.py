@@ -31,40 +31,24 @@ dispatch opportunistically should catch it.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+# losses.py imports this module lazily (inside its dispatch), so this import is not circular.
+from labo_hf.losses import FusedRows
+
 __all__ = ["INTERPRETED", "supports", "triton_fused_rows"]
 
 _MODES = {"cross_entropy": 0, "label_smoothing": 1, "labo": 2}
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is accepted for completeness (computed in float32 like the others, grad stored in float64).
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Largest block one program streams at a time. 4096 fp32 lanes per accumulator vector with
 # 16 warps is 8 elements per thread per accumulator: enough in flight to saturate memory
 # bandwidth without spilling the five LABO accumulators.
 _MAX_BLOCK = 4096
-
-
-class _LocalFusedRows(NamedTuple):
-    """Fallback copy of labo_hf.losses.FusedRows, used only if that module cannot be imported."""
-
-    loss: Tensor
-    nll: Tensor
-    smoothing_entropy: Tensor
-    grad: Tensor
-
-
-def _fused_rows_type() -> type:
-    # Resolved at call time rather than import time: losses.py imports this module from its
-    # dispatch code, so a module-level import here could see a half-initialised losses.py.
-    try:
-        from labo_hf.losses import FusedRows
-    except ImportError:
-        return _LocalFusedRows
-    return FusedRows
 
 
 @triton.jit
@@ -87,6 +71,7 @@ def _fused_rows_kernel(
     ignore_index,
     MODE: tl.constexpr,
     SCALE_IS_PTR: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # One program per row. int64 row offsets: N * K exceeds 2**31 for long sequences with
@@ -100,10 +85,11 @@ def _fused_rows_kernel(
 
     if label == ignore_index:
         # Padding costs one write of zeros and no read of its logits.
-        zeros = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
-        for start in range(0, n_cols, BLOCK):
-            cols = start + offs
-            tl.store(row_grad + cols, zeros, mask=cols < n_cols)
+        if WRITE_GRAD:
+            zeros = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + offs
+                tl.store(row_grad + cols, zeros, mask=cols < n_cols)
         tl.store(loss_ptr + row, 0.0)
         tl.store(nll_ptr + row, 0.0)
         tl.store(entropy_ptr + row, 0.0)
@@ -197,24 +183,25 @@ def _fused_rows_kernel(
         tl.store(entropy_ptr + row, entropy)
 
         # ---- pass 2: grad = scale * (p - q) ----------------------------------------
-        inv_st = 1.0 / big_st_safe
-        uniform = alpha / n_cols
-        for start in range(0, n_cols, BLOCK):
-            cols = start + offs
-            in_row = cols < n_cols
-            z = tl.load(row_logits + cols, mask=in_row, other=neg_inf).to(tl.float32)
-            p = tl.exp(z - big_m_safe) * inv_s
-            is_target = cols == label
-            if MODE == 0:
-                q = tl.where(is_target, 1.0, 0.0)
-            elif MODE == 1:
-                q = tl.where(is_target, 1.0 - alpha, 0.0) + uniform
-            else:
-                # -inf logits give exp(-inf) = 0 here: u*_k = 0 without any 0 * -inf.
-                u = tl.exp((z - big_mt_safe) * inv_temperature) * inv_st
-                q = tl.where(is_target, 1.0 - a_eff, a_eff * u)
-            g = (p - q) * scale
-            tl.store(row_grad + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+        if WRITE_GRAD:
+            inv_st = 1.0 / big_st_safe
+            uniform = alpha / n_cols
+            for start in range(0, n_cols, BLOCK):
+                cols = start + offs
+                in_row = cols < n_cols
+                z = tl.load(row_logits + cols, mask=in_row, other=neg_inf).to(tl.float32)
+                p = tl.exp(z - big_m_safe) * inv_s
+                is_target = cols == label
+                if MODE == 0:
+                    q = tl.where(is_target, 1.0, 0.0)
+                elif MODE == 1:
+                    q = tl.where(is_target, 1.0 - alpha, 0.0) + uniform
+                else:
+                    # -inf logits give exp(-inf) = 0 here: u*_k = 0 without any 0 * -inf.
+                    u = tl.exp((z - big_mt_safe) * inv_temperature) * inv_st
+                    q = tl.where(is_target, 1.0 - a_eff, a_eff * u)
+                g = (p - q) * scale
+                tl.store(row_grad + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
 # Triton fixes interpreter vs compiled mode when it is first imported (its own tl.zeros /
@@ -246,12 +233,13 @@ def triton_fused_rows(
     ignore_index: int,
     grad_scale: float | Tensor,
     block_size: int | None = None,
+    want_grad: bool = True,
     num_warps: int | None = None,
 ):
     """Per-row loss, NLL, smoothing entropy and scaled logits gradient in one fused kernel.
 
     Args:
-        logits: (N, K) float32 / float16 / bfloat16, CUDA (or CPU with TRITON_INTERPRET=1).
+        logits: (N, K) float32 / float16 / bfloat16 / float64 (math in float32), CUDA (or CPU with TRITON_INTERPRET=1).
             Rows must be unit-stride in K; a non-contiguous last dimension is copied.
         labels: (N,) integer class ids in [0, K) or ``ignore_index``; other values give NaN rows.
         regularizer: "labo", "label_smoothing" or "cross_entropy".
@@ -262,11 +250,13 @@ def triton_fused_rows(
             host sync), typically 1 / denominator of the reduction.
         block_size: optional power-of-two columns per step (tests and tuning); default
             min(next_pow2(K), 4096).
+        want_grad: False skips the gradient pass (no (N, K) buffer, one read of the logits)
+            and returns grad=None, e.g. for evaluation.
         num_warps: optional warps per program (tuning; ignored by the interpreter).
 
     Returns:
         FusedRows(loss (N,) float32, nll (N,) float32, smoothing_entropy (N,) float32,
-        grad (N, K) logits.dtype), with zero rows for ignored positions. Nothing is recorded
+        grad (N, K) logits.dtype or None without want_grad), with zero rows for ignored positions. Nothing is recorded
         for autograd; the caller wires ``grad`` into its autograd.Function.
 
     Raises:
@@ -277,7 +267,7 @@ def triton_fused_rows(
             f"logits must be a 2-D tensor (N, K); got shape {tuple(getattr(logits, 'shape', ()))}"
         )
     if logits.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"logits dtype must be float32, float16 or bfloat16; got {logits.dtype}")
+        raise ValueError(f"logits dtype must be float32, float16, bfloat16 or float64; got {logits.dtype}")
     n_rows, n_cols = logits.shape
     if n_cols < 1:
         raise ValueError("logits must have at least one class (K >= 1)")
@@ -327,10 +317,9 @@ def triton_fused_rows(
     loss = torch.empty(n_rows, dtype=torch.float32, device=device)
     nll = torch.empty(n_rows, dtype=torch.float32, device=device)
     entropy = torch.empty(n_rows, dtype=torch.float32, device=device)
-    grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=device)
-    fused_rows = _fused_rows_type()
+    grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=device) if want_grad else None
     if n_rows == 0:
-        return fused_rows(loss, nll, entropy, grad)
+        return FusedRows(loss, nll, entropy, grad)
 
     if isinstance(grad_scale, Tensor):
         if grad_scale.numel() != 1 or not grad_scale.dtype.is_floating_point:
@@ -345,7 +334,7 @@ def triton_fused_rows(
     args = (
         logits,
         labels,
-        grad,
+        grad if grad is not None else loss,  # placeholder pointer, never written without WRITE_GRAD
         loss,
         nll,
         entropy,
@@ -353,17 +342,17 @@ def triton_fused_rows(
         scale_value,
         n_cols,
         logits.stride(0),
-        grad.stride(0),
+        n_cols if grad is None else grad.stride(0),
         alpha,
         temp,
         1.0 / temp,
         math.log(n_cols),
         int(ignore_index),
     )
-    meta = {"MODE": mode, "SCALE_IS_PTR": scale_is_ptr, "BLOCK": block}
+    meta = {"MODE": mode, "SCALE_IS_PTR": scale_is_ptr, "WRITE_GRAD": bool(want_grad), "BLOCK": block}
     if INTERPRETED:
         _fused_rows_kernel[(n_rows,)](*args, **meta)
     else:
         with torch.cuda.device(device):
             _fused_rows_kernel[(n_rows,)](*args, **meta, num_warps=warps)
-    return fused_rows(loss, nll, entropy, grad)
+    return FusedRows(loss, nll, entropy, grad)
