@@ -144,6 +144,22 @@ def image_examples(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return examples
 
 
+def uneven_batch_examples(task_name: str) -> list[dict[str, Any]]:
+    """16 examples whose first and second halves keep very different numbers of label positions.
+
+    With a sequential sampler, micro-batches of 8 (or the two processes' shards) then have different kept
+    counts, so averaging per-micro-batch means would give a different step than the global token mean.
+    """
+    if task_name == "vit":
+        examples = image_examples(16, seed=11)
+        for i in (0, 8, 9, 10, 11, 12, 13):  # 1 ignored image in the first half, 6 in the second
+            examples[i]["labels"] = IGNORE
+        return examples
+    short = copy_examples(8, seed=12, min_len=1, max_len=2)
+    long = copy_examples(8, seed=13, min_len=8, max_len=10)
+    return short + long
+
+
 def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Pad token sequences (inputs with PAD and attention_mask 0, labels with -100); stack images."""
     batch: dict[str, torch.Tensor] = {}
@@ -202,3 +218,61 @@ def common_args(output_dir: str, **overrides: Any) -> dict[str, Any]:
 def task(request: pytest.FixtureRequest) -> ToyTask:
     """Each toy task in turn."""
     return TASKS[request.param]
+
+
+# ---- one optimizer step, for the gradient-accumulation and multi-process tests ----
+
+LEARNING_RATE = 1.0
+
+
+def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
+    """All trainable parameters (tied ones once) as one detached float64 vector."""
+    return torch.cat([p.detach().reshape(-1).double() for p in model.parameters() if p.requires_grad])
+
+
+def one_sgd_step(task_name: str, output_dir: str, per_device_batch_size: int, accumulation_steps: int,
+                 trainer_cls: Any = None, **label_regularization: Any):
+    """Train a fresh tiny model (seed 0) for exactly one plain-SGD step on `uneven_batch_examples`.
+
+    Sequential sampling, constant learning rate, no clipping and no weight decay make the step a pure
+    function of the accumulated gradient. Returns the trainer.
+    """
+    from labo_hf.arguments import LABOSeq2SeqTrainingArguments, LABOTrainingArguments
+    from labo_hf.trainer import LABOSeq2SeqTrainer, LABOTrainer
+
+    task = TASKS[task_name]
+    args_cls = LABOSeq2SeqTrainingArguments if task.seq2seq else LABOTrainingArguments
+    if trainer_cls is None:
+        trainer_cls = LABOSeq2SeqTrainer if task.seq2seq else LABOTrainer
+    args = args_cls(
+        **common_args(
+            output_dir, per_device_train_batch_size=per_device_batch_size,
+            gradient_accumulation_steps=accumulation_steps, max_steps=1, optim="sgd",
+            learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
+            weight_decay=0.0, train_sampling_strategy="sequential", logging_steps=1,
+        ),
+        **label_regularization,
+    )
+    trainer = trainer_cls(
+        model=task.make_model(), args=args, train_dataset=uneven_batch_examples(task_name), data_collator=collate
+    )
+    trainer.train()
+    return trainer
+
+
+# Non-default hyperparameters, so the tests see them reach the loss.
+LABEL_REGULARIZATION = {
+    "labo": {"label_regularizer": "labo", "label_regularizer_alpha": 0.2, "labo_temperature": 1.5},
+    "label_smoothing": {"label_regularizer": "label_smoothing", "label_regularizer_alpha": 0.2},
+    "cross_entropy": {"label_regularizer": "cross_entropy"},
+}
+
+
+def loss_kwargs(regularizer: str) -> dict[str, Any]:
+    """`label_regularized_loss` keywords matching `LABEL_REGULARIZATION[regularizer]`."""
+    fields = LABEL_REGULARIZATION[regularizer]
+    return {
+        "regularizer": regularizer,
+        "alpha": fields.get("label_regularizer_alpha"),
+        "temperature": fields.get("labo_temperature"),
+    }

@@ -1,0 +1,68 @@
+"""Worker for `test_accumulation_and_ddp.py::test_two_processes_match_one_process`.
+
+Run as ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_ddp_worker.py OUT_DIR``.
+Trains the tiny Marian model for one SGD step on `uneven_batch_examples("marian")`, split over the
+processes, twice: 8 examples per process without accumulation, and 4 per process with 2 accumulation
+steps. Process 0 writes each run's parameters (``<run>.pt``) and ``result.json``: world sizes, the
+``num_items_in_batch`` and local kept count every process saw in each micro-step, and the training logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import conftest  # noqa: E402  (sets the offline environment before transformers loads)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from labo_hf.trainer import LABOSeq2SeqTrainer  # noqa: E402
+
+REGULARIZER = "labo"
+RUNS = {"bs8_ga1": (8, 1), "bs4_ga2": (4, 2)}
+
+
+class RecordingTrainer(LABOSeq2SeqTrainer):
+    """Records what each `compute_loss` call receives."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[dict[str, float]] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.seen.append({
+            "num_items_in_batch": float(num_items_in_batch),
+            "local_kept": int((inputs["labels"] != conftest.IGNORE).sum()),
+        })
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
+def main(out_dir: str) -> None:
+    result: dict[str, object] = {}
+    for name, (batch_size, accumulation) in RUNS.items():
+        trainer = conftest.one_sgd_step(
+            "marian", os.path.join(out_dir, name), batch_size, accumulation, trainer_cls=RecordingTrainer,
+            **conftest.LABEL_REGULARIZATION[REGULARIZER],
+        )
+        seen_by_process: list[object] = [None] * dist.get_world_size()
+        dist.all_gather_object(seen_by_process, trainer.seen)
+        if trainer.args.process_index == 0:
+            torch.save(conftest.flat_parameters(trainer.model), os.path.join(out_dir, f"{name}.pt"))
+            result[name] = {
+                "world_size": trainer.args.world_size,
+                "dist_world_size": dist.get_world_size(),
+                "num_processes": trainer.accelerator.num_processes,
+                "seen": seen_by_process,
+                "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+            }
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
