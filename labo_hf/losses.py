@@ -254,26 +254,29 @@ def torch_fused_rows(
         y = safe_labels[start:stop].unsqueeze(1)
         keep = kept[start:stop]
         keep_col = keep.unsqueeze(1)
-        # torch's fused softmax kernels are faster than a separate exp pass, so p comes from
-        # softmax and log-sum-exp from p at the argmax (p_max >= 1/K never underflows).
-        row_max, arg_max = x.max(dim=-1, keepdim=True)
-        d = torch.sub(x, row_max.float(), out=shifted[:c])
+        # exp and sum as separate kernels: torch's fused softmax is faster but its float32
+        # accumulation drifts by ~1e-6 relative at K ~ 1e5, beyond the reference tolerance.
+        row_max = x.amax(dim=-1, keepdim=True).float()
+        d = torch.sub(x, row_max, out=shifted[:c])
         p = grad[start:stop] if probs is None else probs[:c]
-        torch.softmax(x, dim=-1, dtype=torch.float32, out=p)
-        log_sum = -p.gather(1, arg_max).log()
+        torch.exp(d, out=p)
+        sum_exp = p.sum(dim=-1, keepdim=True)
+        log_sum = sum_exp.log()
         d_y = d.gather(1, y)
         row_nll = log_sum - d_y
         redo = None
         if regularizer == "labo":
+            # Shift by the non-target max, not the row max: when the label's logit dominates,
+            # exp((z_k - max z) / T) would underflow for every other class.
             u = torch.mul(d, 1.0 / temperature, out=smooth[:c])
             u.scatter_(1, y, -math.inf)
-            max_t, arg_t = u.max(dim=-1, keepdim=True)
-            torch.softmax(u, dim=-1, out=u)
-            log_sum_t = max_t - u.gather(1, arg_t).log()
-            # <u*, d>, reusing d's buffer: d is not needed after this.
-            mean_d = d.mul_(u).sum(dim=-1, keepdim=True)
+            max_t = u.amax(dim=-1, keepdim=True)
+            u.sub_(max_t).exp_()
+            sum_t = u.sum(dim=-1, keepdim=True)
+            # <exp(d/T - max_t), d>, reusing d's buffer: d is not needed after this.
+            mean_d = d.mul_(u).sum(dim=-1, keepdim=True) / sum_t
             row_loss = log_sum - (1 - alpha) * d_y - alpha * mean_d
-            row_entropy = log_sum_t - mean_d / temperature
+            row_entropy = max_t + sum_t.log() - mean_d / temperature
             # NaN from 0 * -inf (classes masked with -inf) or from a row with no finite
             # non-target logit: recompute those rows exactly.
             redo = keep_col & ~torch.isfinite(row_loss)
@@ -290,9 +293,9 @@ def torch_fused_rows(
         if want_grad:
             # grad = scale * (p - q), with q = (1 - a) e_y + a u.
             row_scale = torch.where(keep_col, grad_scale * torch.ones_like(log_sum), zero)
-            p.mul_(row_scale)
+            p.mul_(row_scale / sum_exp)
             if regularizer == "labo":
-                p.addcmul_(u, -alpha * row_scale)
+                p.addcmul_(u, -alpha * row_scale / sum_t)
             elif regularizer == "label_smoothing":
                 p.sub_(row_scale * (alpha / num_classes))
             p.scatter_add_(1, y, -(1 - alpha) * row_scale)
