@@ -13,7 +13,8 @@ the logits dtype, where p = softmax(z) and
 (see docs/labo-method.md). Each program owns one row and streams it twice:
 
 * pass 1 reads the row once and keeps per-lane online statistics (a BLOCK-wide vector of
-  running maxima / rescaled sums, merged at the end): max and sum of exp for temperature 1;
+  running maxima / rescaled sums, merged at the end, one exp per element and statistic so
+  that the SFU keeps up with HBM): max and sum of exp for temperature 1;
   for LABO the max over non-target logits, the sum of exp((z - m) / T) and the running
   sum of exp(d) * d with d = (z - m) / T (everything needed for H(u*) and <u*, z> without
   cancellation); for label smoothing the sum of (z - z_y).
@@ -113,26 +114,30 @@ def _fused_rows_kernel(
             cols = start + offs
             in_row = cols < n_cols
             z = tl.load(row_logits + cols, mask=in_row, other=neg_inf).to(tl.float32)
-            m_new = tl.maximum(m1, z)
-            # A lane that has only seen -inf keeps max -inf; shifting by 0 there avoids
-            # (-inf) - (-inf) = NaN while exp(-inf - 0) still contributes 0.
-            m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
-            s1 = s1 * tl.exp(m1 - m_safe) + tl.exp(z - m_safe)
-            m1 = m_new
+            # One exp per element and statistic: exp(-|z - m|) is both the rescale factor of
+            # the running sum when z is a new lane maximum and the new term otherwise. (The
+            # usual exp(m_old - m_new) plus exp(z - m_new) costs two, and the SFU, not memory,
+            # would then bound LABO's pass.) -inf entries contribute nothing and must not turn
+            # (-inf) - (-inf) into NaN, even in lanes a where() discards.
+            up = z > m1
+            ref = tl.where(z == neg_inf, 0.0, m1)  # finite stand-in: -inf - ref stays -inf
+            gap = tl.where(up, ref - z, z - ref)
+            e = tl.exp(gap)
+            s1 = tl.where(up, s1 * e + 1.0, s1 + e)
+            m1 = tl.where(up, z, m1)
             if MODE == 2:
+                # Same update at temperature T over the non-target classes, plus
+                # wt = sum e^d * d (d = (z - mt) / T), rebased when the lane maximum moves:
+                # every earlier d shifts by (mt_old - mt_new) / T = gap_t.
                 zt = tl.where(in_row & (cols != label), z, neg_inf)
-                mt_new = tl.maximum(mt, zt)
-                mt_safe = tl.where(mt_new == neg_inf, 0.0, mt_new)
-                ratio = tl.exp((mt - mt_safe) * inv_temperature)
-                # Rebasing sum e^d d from max mt to mt_new shifts every d by (mt - mt_new)/T;
-                # guarded because a lane with no mass yet would give 0 * -inf.
-                rebase = tl.where(mt == neg_inf, 0.0, (mt - mt_safe) * inv_temperature)
-                d = (zt - mt_safe) * inv_temperature
-                e = tl.exp(d)
-                # e = 0 on -inf classes; zeroing d there avoids 0 * -inf = NaN.
-                wt = ratio * (wt + st * rebase) + e * tl.where(zt == neg_inf, 0.0, d)
-                st = st * ratio + e
-                mt = mt_new
+                up_t = zt > mt
+                ref_t = tl.where(zt == neg_inf, 0.0, mt)
+                gap_t = tl.where(up_t, ref_t - zt, zt - ref_t) * inv_temperature
+                e_t = tl.exp(gap_t)
+                gap_t0 = tl.where(gap_t == neg_inf, 0.0, gap_t)  # e_t = 0 there: avoid 0 * -inf
+                wt = tl.where(up_t, e_t * (wt + st * gap_t0), wt + e_t * gap_t0)
+                st = tl.where(up_t, st * e_t + 1.0, st + e_t)
+                mt = tl.where(up_t, zt, mt)
             if MODE == 1:
                 sz += tl.where(in_row, z - ls_shift, 0.0)
 
