@@ -90,10 +90,14 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------- data
-def load_cifar10(split: str, data_dir: Path, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N, 3, 32, 32) and int64 labels, decoded from the zip once and cached."""
+def load_cifar10(split: str, data_dir: Path, cache_dir: Path,
+                 per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 3, 32, 32) and int64 labels, decoded from the zip once and cached.
+
+    per_class: decode only the first N images of each class and cache nothing (smoke tests: decoding
+    all 60,000 JPEGs takes about a minute)."""
     cache = cache_dir / f"cifar10_{split}.pt"
-    if cache.exists():
+    if per_class is None and cache.exists():
         d = torch.load(cache)
         return d["images"], d["labels"]
     from PIL import Image
@@ -101,6 +105,8 @@ def load_cifar10(split: str, data_dir: Path, cache_dir: Path) -> tuple[torch.Ten
     images, labels = [], []
     with zipfile.ZipFile(data_dir / f"{split}.zip") as zf:
         names = sorted(n for n in zf.namelist() if n.endswith(".jpg"))
+        if per_class is not None:
+            names = [n for c in CLASSES for n in [m for m in names if m.split("/")[-2] == c][:per_class]]
         for name in names:
             cls = name.split("/")[-2]
             with Image.open(io.BytesIO(zf.read(name))) as im:
@@ -108,6 +114,8 @@ def load_cifar10(split: str, data_dir: Path, cache_dir: Path) -> tuple[torch.Ten
             images.append(arr.view(32, 32, 3).permute(2, 0, 1))
             labels.append(CLASSES.index(cls))
     imgs, labs = torch.stack(images), torch.tensor(labels)
+    if per_class is not None:
+        return imgs, labs
     cache_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"images": imgs, "labels": labs}, cache)
     return imgs, labs
@@ -288,8 +296,11 @@ def main(argv=None):
     info = machine_info()
     print(f"machine: {describe_machine(info)}")
     t0 = time.perf_counter()
-    xtr, ytr = load_cifar10("train", args.data_dir, args.cache_dir)
-    xte, yte = load_cifar10("test", args.data_dir, args.cache_dir)
+    # A tiny run decodes just what it needs unless the full cache already exists.
+    cached = (args.cache_dir / "cifar10_train.pt").exists() and (args.cache_dir / "cifar10_test.pt").exists()
+    small = args.preset == "tiny" and not cached
+    xtr, ytr = load_cifar10("train", args.data_dir, args.cache_dir, -(-args.train_size // 10) if small else None)
+    xte, yte = load_cifar10("test", args.data_dir, args.cache_dir, -(-args.test_size // 10) if small else None)
     tri, tei = balanced_subset(ytr, args.train_size), balanced_subset(yte, args.test_size)
     data = (CifarDataset(xtr[tri], ytr[tri], augment=True), CifarDataset(xte[tei], yte[tei], augment=False))
     print(f"data: train {len(tri)}, test {len(tei)} ({time.perf_counter() - t0:.1f}s)")
