@@ -46,10 +46,13 @@ __all__ = ["INTERPRETED", "supports", "triton_fused_rows"]
 _MODES = {"cross_entropy": 0, "label_smoothing": 1, "labo": 2}
 # float64 is accepted for completeness (computed in float32 like the others, grad stored in float64).
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# Largest block one program streams at a time. 4096 fp32 lanes per accumulator vector with
-# 16 warps is 8 elements per thread per accumulator: enough in flight to saturate memory
-# bandwidth without spilling the five LABO accumulators.
-_MAX_BLOCK = 4096
+# Largest block one program streams at a time, with 8 elements per thread (one 16-byte load
+# for bf16/fp16). Chosen from sm_90 cubins compiled offline (no GPU measurement yet): LABO
+# needs 64-68 registers/thread at 8 elements/thread whatever the block, so small programs
+# pack best (1024/4 warps: 7-8 programs, 28-32 warps per SM, fp32 included, where 4096/16
+# warps fits one program) and waste the least on a partial last block (V=58101: 0.5%).
+# Tunable per call with block_size / num_warps.
+_MAX_BLOCK = 1024
 
 
 @triton.jit
@@ -224,7 +227,7 @@ def supports(logits: Tensor) -> bool:
 
 def _default_launch(n_cols: int) -> tuple[int, int]:
     block = min(triton.next_power_of_2(n_cols), _MAX_BLOCK)
-    num_warps = max(1, min(16, block // 256))
+    num_warps = max(1, min(4, block // 256))
     return block, num_warps
 
 
@@ -254,7 +257,7 @@ def triton_fused_rows(
         grad_scale: python float or 0-dim float tensor (moved to the logits device without a
             host sync), typically 1 / denominator of the reduction.
         block_size: optional power-of-two columns per step (tests and tuning); default
-            min(next_pow2(K), 4096).
+            min(next_pow2(K), 1024), with min(4, block // 256) warps.
         want_grad: False skips the gradient pass (no (N, K) buffer, one read of the logits)
             and returns grad=None, e.g. for evaluation.
         num_warps: optional warps per program (tuning; ignored by the interpreter).
@@ -301,7 +304,7 @@ def triton_fused_rows(
     else:
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a positive power of two; got {block_size}")
-        block, default_warps = block_size, max(1, min(16, block_size // 256))
+        block, default_warps = block_size, max(1, min(16, block_size // 256))  # 8 elements/thread
     warps = default_warps if num_warps is None else num_warps
 
     if not (logits.is_cuda or (INTERPRETED and logits.device.type == "cpu")):
