@@ -156,17 +156,54 @@ class _LABOTrainerMixin:
 
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-        loss, stats = label_regularized_loss_with_stats(
+        loss = self._labo_loss(
             logits,
             self._labo_targets(labels, shift_labels),
-            ignore_index=_IGNORE_INDEX,
-            num_items_in_batch=self._labo_normalizer(num_items_in_batch),
-            **self._labo_loss_kwargs,
+            self._labo_normalizer(num_items_in_batch),
+            "train" if model.training else "eval",
         )
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self._labo_process_scale()
-        self._labo_record(stats, "train" if model.training else "eval")
         return (loss, outputs) if return_outputs else loss
+
+    def _labo_loss(
+        self, logits: torch.Tensor, targets: torch.Tensor, normalizer: torch.Tensor | int | None, split: str
+    ) -> torch.Tensor:
+        """The label-regularized loss; records its statistics under `split` ("train" or "eval")."""
+        loss, stats = label_regularized_loss_with_stats(
+            logits, targets, ignore_index=_IGNORE_INDEX, num_items_in_batch=normalizer, **self._labo_loss_kwargs
+        )
+        if split == "eval":
+            real_rows = self._labo_real_eval_rows(targets.shape[0])
+            if real_rows < targets.shape[0]:
+                # The final evaluation batch repeats samples to even out the processes; the statistics must
+                # cover each sample once (as `gather_for_metrics` does for predictions). Only that batch pays
+                # for this second, gradient-free pass over its real rows.
+                with torch.no_grad():
+                    _, stats = label_regularized_loss_with_stats(
+                        logits[:real_rows].detach(), targets[:real_rows], ignore_index=_IGNORE_INDEX,
+                        **self._labo_loss_kwargs,
+                    )
+        self._labo_record(stats, split)
+        return loss
+
+    def _labo_real_eval_rows(self, batch_rows: int) -> int:
+        """How many leading rows of this process's current evaluation batch are real samples.
+
+        With several processes, accelerate's dataloader (``even_batches``) completes the final global batch
+        with repeats of the first samples; its ``remainder`` real samples come first in process order, which
+        is what `Accelerator.gather_for_metrics` relies on to drop the repeats.
+        """
+        state = self.accelerator.gradient_state
+        if (
+            self.accelerator.num_processes == 1
+            or not self.accelerator.even_batches
+            or not state.end_of_dataloader
+            or state.remainder <= 0
+        ):
+            return batch_rows
+        before = self.accelerator.process_index * batch_rows
+        return min(max(state.remainder - before, 0), batch_rows)
 
     def _labo_targets(self, labels: torch.Tensor, shift_labels: torch.Tensor | None) -> torch.Tensor:
         """Labels aligned position by position with the logits."""
@@ -305,11 +342,4 @@ class LABOSeq2SeqTrainer(_LABOTrainerMixin, Seq2SeqTrainer):
         """
         # Seq2SeqTrainer passed the labels to the model, so a tuple output starts with the model's loss.
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[1]
-        loss, stats = label_regularized_loss_with_stats(
-            logits,
-            self._labo_targets(labels, None),
-            ignore_index=_IGNORE_INDEX,
-            **self._labo_loss_kwargs,
-        )
-        self._labo_record(stats, "eval")
-        return loss
+        return self._labo_loss(logits, self._labo_targets(labels, None), None, "eval")

@@ -3,8 +3,10 @@
 Run as ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_ddp_worker.py OUT_DIR``.
 Trains the tiny Marian model for one SGD step on `uneven_batch_examples("marian")`, split over the
 processes, twice: 8 examples per process without accumulation, and 4 per process with 2 accumulation
-steps. Process 0 writes each run's parameters (``<run>.pt``) and ``result.json``: world sizes, the
-``num_items_in_batch`` and local kept count every process saw in each micro-step, and the training logs.
+steps; after the first, it evaluates on the same 16 examples in batches of 3 per process, so the final
+evaluation batch repeats samples to even out the processes. Process 0 writes each run's parameters
+(``<run>.pt``) and ``result.json``: world sizes, the ``num_items_in_batch`` and local kept count every
+process saw in each micro-step, the training logs and the evaluation metrics.
 """
 
 from __future__ import annotations
@@ -26,17 +28,18 @@ RUNS = {"bs8_ga1": (8, 1), "bs4_ga2": (4, 2)}
 
 
 class RecordingTrainer(LABOSeq2SeqTrainer):
-    """Records what each `compute_loss` call receives."""
+    """Records what each training `compute_loss` call receives."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.seen: list[dict[str, float]] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.seen.append({
-            "num_items_in_batch": float(num_items_in_batch),
-            "local_kept": int((inputs["labels"] != conftest.IGNORE).sum()),
-        })
+        if model.training:
+            self.seen.append({
+                "num_items_in_batch": float(num_items_in_batch),
+                "local_kept": int((inputs["labels"] != conftest.IGNORE).sum()),
+            })
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
@@ -46,8 +49,9 @@ def main(out_dir: str) -> None:
     for name, (batch_size, accumulation) in RUNS.items():
         trainer = conftest.one_sgd_step(
             "marian", os.path.join(out_dir, name), batch_size, accumulation, trainer_cls=RecordingTrainer,
-            **conftest.LABEL_REGULARIZATION[REGULARIZER],
+            per_device_eval_batch_size=3, **conftest.LABEL_REGULARIZATION[REGULARIZER],
         )
+        metrics = trainer.evaluate(conftest.uneven_batch_examples("marian")) if name == "bs8_ga1" else None
         seen_by_process: list[object] = [None] * dist.get_world_size()
         dist.all_gather_object(seen_by_process, trainer.seen)
         if trainer.args.process_index == 0:
@@ -58,6 +62,7 @@ def main(out_dir: str) -> None:
                 "num_processes": trainer.accelerator.num_processes,
                 "seen": seen_by_process,
                 "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+                "eval_metrics": metrics,
             }
     if dist.get_rank() == 0:
         with open(os.path.join(out_dir, "result.json"), "w") as f:

@@ -231,11 +231,12 @@ def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
 
 
 def one_sgd_step(task_name: str, output_dir: str, per_device_batch_size: int, accumulation_steps: int,
-                 trainer_cls: Any = None, **label_regularization: Any):
+                 trainer_cls: Any = None, **extra_args: Any):
     """Train a fresh tiny model (seed 0) for exactly one plain-SGD step on `uneven_batch_examples`.
 
     Sequential sampling, constant learning rate, no clipping and no weight decay make the step a pure
-    function of the accumulated gradient. Returns the trainer.
+    function of the accumulated gradient. `extra_args` go to the training arguments (e.g. the label
+    regularization fields). Returns the trainer.
     """
     from labo_hf.arguments import LABOSeq2SeqTrainingArguments, LABOTrainingArguments
     from labo_hf.trainer import LABOSeq2SeqTrainer, LABOTrainer
@@ -251,7 +252,7 @@ def one_sgd_step(task_name: str, output_dir: str, per_device_batch_size: int, ac
             learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
             weight_decay=0.0, train_sampling_strategy="sequential", logging_steps=1,
         ),
-        **label_regularization,
+        **extra_args,
     )
     trainer = trainer_cls(
         model=task.make_model(), args=args, train_dataset=uneven_batch_examples(task_name), data_collator=collate

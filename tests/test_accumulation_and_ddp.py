@@ -122,3 +122,15 @@ def test_two_processes_match_one_process(tmp_path):
         (log,) = run["logs"]
         assert log["loss"] == pytest.approx(reference_loss, rel=1e-5)
         assert log["nll"] == pytest.approx(reference_nll, rel=1e-5)
+
+    # Evaluation after the step, in batches of 3 per process: 16 = 6 + 6 + 4, so the last batch repeats two
+    # samples; eval_nll must count each of the 16 examples exactly once.
+    trained = TASKS["marian"].make_model().eval()
+    trainable = [p for p in trained.parameters() if p.requires_grad]  # the order of `flat_parameters`
+    torch.nn.utils.vector_to_parameters(torch.load(tmp_path / "bs8_ga1.pt").float(), trainable)
+    batch = collate(examples)
+    with torch.no_grad():
+        logits = trained(**batch).logits
+    kept = batch["labels"] != IGNORE
+    expected_nll = torch.nn.functional.cross_entropy(logits[kept], batch["labels"][kept]).item()
+    assert result["bs8_ga1"]["eval_metrics"]["eval_nll"] == pytest.approx(expected_nll, rel=1e-5)
