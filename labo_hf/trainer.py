@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_utils import EvalLoopOutput
 
 from .arguments import LabelRegularizationArgumentsMixin
 from .losses import LossStats, label_regularized_loss_with_stats, resolve_hyperparameters
@@ -28,7 +29,6 @@ from .losses import LossStats, label_regularized_loss_with_stats, resolve_hyperp
 __all__ = ["LABOSeq2SeqTrainer", "LABOTrainer", "LabelRegularization"]
 
 _IGNORE_INDEX = -100  # transformers' convention; `Trainer._get_num_items_in_batch` counts `labels != -100`
-_STAT_NAMES = ("nll", "target_prob", "smoothing_entropy")
 
 
 class LabelRegularization(NamedTuple):
@@ -91,9 +91,11 @@ class _LABOTrainerMixin:
                 f"(got label_names={self.label_names}); LABO does not apply to e.g. span or multi-target heads."
             )
         # `model_accepts_loss_kwargs` drives two Trainer decisions: whether `num_items_in_batch` is counted
-        # (`_get_num_items_in_batch`), and whether the loss is already normalized over the accumulated batch
-        # (`training_step` then does not divide it by the accumulation steps again). Both hold for our
-        # `compute_loss` whatever the model's forward accepts, since it never forwards loss kwargs to the model.
+        # (`_get_num_items_in_batch`), and, with `loss_is_scaled_for_ga` left at None, whether the loss is
+        # already normalized over the accumulated batch (`training_step` then does not divide it by the
+        # accumulation steps again; it still does when no count was available and we divided by the local
+        # count). Both hold for our `compute_loss` whatever the model's forward accepts, since it never
+        # forwards loss kwargs to the model.
         self.model_accepts_loss_kwargs = True
         # Causal LMs predict label i+1 at position i. transformers decides this from `model.loss_type`, which
         # misses causal LMs without one (e.g. GPT2LMHeadModel, whose own loss still shifts); add the class-name
@@ -273,8 +275,14 @@ class _LABOTrainerMixin:
             logs.update(self._labo_reduce("train", prefix=""))
         super().log(logs, start_time)
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
+    def evaluation_loop(
+        self,
+        dataloader: torch.utils.data.DataLoader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
         """`Trainer.evaluation_loop` plus ``{metric_key_prefix}_nll`` (plain cross-entropy per kept position
         over the whole evaluation set, comparable across regularizers), ``_target_prob`` and
         ``_smoothing_entropy``; used by both `evaluate` and `predict`."""

@@ -362,3 +362,57 @@ def test_eval_nll_for_classification_and_causal_lm(tmp_path):
         expected = F.cross_entropy(logits[kept], targets[kept], reduction="sum").item() / int(kept.sum())
         assert metrics["eval_nll"] == pytest.approx(expected, rel=1e-5)
         assert "eval_smoothing_entropy" not in metrics  # cross_entropy has no smoothing distribution
+
+
+# ---- training statistics over a logging interval ----
+
+
+class _RecordingTrainer(LABOSeq2SeqTrainer):
+    """Records each training micro-step's loss and kept count."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if model.training:
+            loss = result[0] if return_outputs else result
+            self.steps.append((loss.item(), int((inputs["labels"] != IGNORE).sum())))
+        return result
+
+
+def test_logged_statistics_cover_the_logging_interval_and_exclude_evaluation(tmp_path):
+    """With cross-entropy each step's loss is its mean nll, so the logged nll of an interval must be the
+    token-weighted mean of its steps' losses (not their plain mean, which is what `loss` reports), and the
+    evaluations run in between must not leak into it."""
+    examples = copy_examples(12, seed=10, min_len=1, max_len=9)
+    args = LABOSeq2SeqTrainingArguments(
+        **common_args(str(tmp_path), per_device_train_batch_size=2, max_steps=6, learning_rate=1e-2,
+                      logging_steps=3, eval_strategy="steps", eval_steps=1, train_sampling_strategy="sequential"),
+        label_regularizer="cross_entropy",
+    )
+    trainer = _RecordingTrainer(
+        model=TASKS["marian"].make_model(), args=args, train_dataset=examples, eval_dataset=examples[:3],
+        data_collator=collate,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    evals = [entry for entry in trainer.state.log_history if "eval_nll" in entry]
+    assert len(logs) == 2 and len(evals) == 6
+    assert len(trainer.steps) == 6
+    for log, steps in zip(logs, (trainer.steps[:3], trainer.steps[3:]), strict=True):
+        weighted = sum(loss * count for loss, count in steps) / sum(count for _, count in steps)
+        assert log["nll"] == pytest.approx(weighted, rel=1e-5)
+        assert log["loss"] == pytest.approx(sum(loss for loss, _ in steps) / 3, rel=1e-5)
+        assert abs(log["nll"] - log["loss"]) > 1e-4  # the example's step counts differ enough to tell
+
+
+def test_package_exports_the_trainer_glue():
+    import labo_hf
+
+    assert labo_hf.LABOTrainer is LABOTrainer
+    assert labo_hf.LABOSeq2SeqTrainer is LABOSeq2SeqTrainer
+    assert labo_hf.LABOTrainingArguments is LABOTrainingArguments
+    assert labo_hf.LABOSeq2SeqTrainingArguments is LABOSeq2SeqTrainingArguments
