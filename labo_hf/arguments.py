@@ -61,7 +61,8 @@ def _validate_label_regularization(
         try:
             resolved = resolve_hyperparameters(*arguments)
         except ValueError as err:
-            raise ValueError(f"Invalid {flag}={value!r} (with --label_regularizer={regularizer!r}): {err}") from err
+            context = "" if flag == "--label_regularizer" else f" (with --label_regularizer {regularizer})"
+            raise ValueError(f"Invalid {flag}={value!r}{context}: {err}") from err
     return resolved
 
 
