@@ -362,5 +362,7 @@ def triton_fused_rows(
         _fused_rows_kernel[(n_rows,)](*args, **meta)
     else:
         with torch.cuda.device(device):
-            _fused_rows_kernel[(n_rows,)](*args, **meta, num_warps=warps)
+            # Explicit FMA contraction: today's default, pinned before Triton 3.10 flips it (and
+            # silences Triton 3.9's warning about the unset default).
+            _fused_rows_kernel[(n_rows,)](*args, **meta, num_warps=warps, enable_fp_fusion=True)
     return FusedRows(loss, nll, entropy, grad)

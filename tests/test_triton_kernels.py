@@ -405,6 +405,52 @@ def test_rejects_cpu_tensor_in_compiled_mode():
         )
 
 
+@pytest.mark.skipif(INTERPRETED, reason="compiled mode only")
+@pytest.mark.parametrize(
+    ("mode", "write_grad", "dtype"),
+    [(0, True, "bf16"), (1, True, "fp16"), (2, True, "bf16"), (2, False, "fp32")],
+)
+def test_compiles_for_sm90_without_gpu(mode, write_grad, dtype):
+    # The interpreter never runs Triton's compiler, so type errors in compiled-only code paths
+    # (scf.if / scf.for lowering) would first show on a GPU. Compile ahead of time for sm_90
+    # instead: needs no GPU, only the ptxas that ships with triton.
+    pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from labo_hf.triton_kernels import _fused_rows_kernel
+
+    types = {
+        "labels_ptr": "*i64",
+        "loss_ptr": "*fp32",
+        "nll_ptr": "*fp32",
+        "entropy_ptr": "*fp32",
+        "scale_ptr": "*fp32",
+        "logits_ptr": f"*{dtype}",
+        "grad_ptr": f"*{dtype}" if write_grad else "*fp32",
+        "n_cols": "i32",
+        "stride_logits": "i32",
+        "stride_grad": "i32",
+        "ignore_index": "i32",
+    }
+    constexprs = {"MODE": mode, "SCALE_IS_PTR": True, "WRITE_GRAD": write_grad, "BLOCK": 1024}
+    sig = {
+        name: "constexpr" if name in constexprs else types.get(name, "fp32")
+        for name in _fused_rows_kernel.arg_names
+    }
+    src = ASTSource(_fused_rows_kernel, sig, constexprs=constexprs)
+    try:
+        kernel = triton.compile(
+            src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": True}
+        )
+    except (FileNotFoundError, RuntimeError) as err:
+        if "ptxas" in str(err).lower():
+            pytest.skip(f"no usable ptxas: {err}")
+        raise
+    assert "ex2.approx" in kernel.asm["ptx"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU, compiled mode")
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
 @pytest.mark.parametrize(("n", "v"), [(8192, 32000), (24, 262144)])
