@@ -38,9 +38,10 @@ Usage (copy-paste; replace the data paths):
         --dataset_name wmt16 --dataset_config_name de-en --source_lang en --target_lang de \\
         --do_train --do_eval --predict_with_generate --output_dir runs/t5-small-wmt16-labo
 
-    # Several processes: the same arguments under torchrun or accelerate launch (add --use_cpu on CPU).
+    # Several processes: the same arguments under torchrun or accelerate launch.
     torchrun --nproc_per_node 2 run_translation.py ARGS...
-    accelerate launch run_translation.py ARGS...
+    accelerate launch --num_processes 2 run_translation.py ARGS...
+    # On CPU add --use_cpu --ddp_backend gloo (and for accelerate, --multi_gpu: its multi-process launcher).
 
     # All arguments from one file (same keys as the flags).
     python run_translation.py args.json        # or args.yaml
@@ -968,7 +969,14 @@ def main() -> None:
         if data_args.dataset_config_name is not None:
             dataset_description += f" {data_args.dataset_config_name}"
     else:
-        dataset_description = None
+        # Without a name the card would read "the None dataset"; name the local files instead.
+        local_data = [getattr(data_args, f"{split}_{kind}") for split in SPLITS for kind in ("file", "prefix")]
+        names = ", ".join(os.path.basename(path) for path in local_data if path is not None)
+        dataset_description = f"local {source_key}-{target_key} data ({names})"
+    if model_args.model_name_or_path is None:
+        # transformers infers "fine-tuned from" config._name_or_path, which is "" for a model built from a
+        # config, and would write "a fine-tuned version of []"; a local folder name means "trained from scratch".
+        model.config._name_or_path = training_args.output_dir
     card_kwargs = labo_model_card_kwargs(
         training_args,
         tasks="translation",

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers/datasets are imported: no test reaches the Hub
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -179,6 +180,7 @@ def test_marian_from_scratch_on_parallel_text(toy_text: Path, tmp_path: Path, ru
     assert_reloads_like_checkpoint(out, out / "checkpoint-100", sources[0])
 
     card = (out / "README.md").read_text(encoding="utf-8")
+    assert "trained from scratch on the local de-en data (train, val, test)" in card
     assert "LABO" in card
     assert "- labo" in card  # metadata tag
     assert "- label_regularizer: labo" in card
@@ -394,3 +396,50 @@ def test_help_lists_labo_flags(capsys: pytest.CaptureFixture, monkeypatch: pytes
         assert flag in text
     assert "optimal label smoothing" in text  # help text of --label_regularizer
     assert "torchrun --nproc_per_node 2 run_translation.py" in text  # the usage docstring
+
+
+# ---- labo_hf.script_utils (shared with the other example scripts) ----
+
+
+def test_resolve_checkpoint(tmp_path: Path) -> None:
+    from labo_hf.script_utils import resolve_checkpoint
+
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-12").mkdir()
+    args = SimpleNamespace(resume_from_checkpoint=None, do_train=True, output_dir=str(tmp_path))
+    assert resolve_checkpoint(args) == str(tmp_path / "checkpoint-12")  # the last one, by step
+    assert resolve_checkpoint(SimpleNamespace(**{**vars(args), "do_train": False})) is None
+    explicit = SimpleNamespace(**{**vars(args), "resume_from_checkpoint": str(tmp_path / "checkpoint-4")})
+    assert resolve_checkpoint(explicit) == str(tmp_path / "checkpoint-4")
+    missing = SimpleNamespace(**{**vars(args), "resume_from_checkpoint": str(tmp_path / "checkpoint-8")})
+    with pytest.raises(ValueError, match="--resume_from_checkpoint=.*checkpoint-8.* is not a folder"):
+        resolve_checkpoint(missing)
+
+
+def test_check_hub_reachable_or_local(tmp_path: Path) -> None:
+    from labo_hf.script_utils import check_hub_reachable_or_local
+
+    check_hub_reachable_or_local(str(tmp_path), "--model_name_or_path", "hint")  # an existing folder
+    with pytest.raises(ValueError, match=r"--model_name_or_path='\./no/such/folder': no such local .* Use X\."):
+        check_hub_reachable_or_local("./no/such/folder", "--model_name_or_path", "Use X.")
+    with pytest.raises(ValueError, match=r"--dataset_name='someone/unknown-data' .*offline.* Use Y\."):
+        check_hub_reachable_or_local("someone/unknown-data", "--dataset_name", "Use Y.", repo_type="dataset")
+
+
+def test_labo_model_card_kwargs() -> None:
+    from labo_hf import LABOSeq2SeqTrainingArguments
+    from labo_hf.script_utils import labo_model_card_kwargs
+
+    args = LABOSeq2SeqTrainingArguments(output_dir="unused", use_cpu=True, labo_temperature=1.5)
+    kwargs = labo_model_card_kwargs(args, "translation", "wmt16 de-en", language=["de", "en"])
+    assert kwargs == {
+        "tasks": "translation",
+        "tags": ["labo", "label-regularization", "label-regularizer-labo", "label-regularizer-alpha-0.1",
+                 "labo-temperature-1.5"],  # fmt: skip
+        "dataset": "wmt16 de-en",
+        "language": ["de", "en"],
+    }
+    baseline = LABOSeq2SeqTrainingArguments(output_dir="unused", use_cpu=True, label_regularizer="cross_entropy")
+    assert labo_model_card_kwargs(baseline, "translation")["tags"] == [
+        "labo", "label-regularization", "label-regularizer-cross_entropy", "label-regularizer-alpha-0",
+    ]  # fmt: skip
