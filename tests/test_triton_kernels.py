@@ -197,6 +197,31 @@ def test_tensor_grad_scale_and_fp16(regularizer):
 
 
 @interpreter_only
+@pytest.mark.parametrize("regularizer", ["labo", "label_smoothing"])
+def test_vocabulary_256k(regularizer):
+    # K = 2**18 with the default 1024-column blocks: fp32 accumulation over 256 steps per lane.
+    k = 1 << 18
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, k, generator=g) * 4
+    logits[1] = (torch.rand(k, generator=g) * 2 - 1) * 1e4
+    labels = torch.tensor([5, k - 1, IGNORE])
+    alpha, temperature = _hyper(regularizer)
+    out = triton_fused_rows(
+        logits.bfloat16(),
+        labels,
+        regularizer=regularizer,
+        alpha=alpha,
+        temperature=temperature,
+        ignore_index=IGNORE,
+        grad_scale=1.0,
+    )
+    ref = reference_rows(
+        logits.bfloat16(), labels, regularizer=regularizer, alpha=alpha, temperature=temperature
+    )
+    _check(out, ref, torch.bfloat16)
+
+
+@interpreter_only
 def test_default_block_single_step():
     # Default launch: block = next_pow2(K) covers the row in one step.
     logits, labels = _make_case(33, torch.float32, seed=2)
