@@ -1,7 +1,8 @@
 """Shared test setup: offline Hugging Face, tiny models built from configs, toy learnable tasks.
 
 Everything here is importable as a plain module too (`tests/_ddp_worker.py` does), so it holds no
-pytest-only logic besides the fixtures at the end.
+pytest-only logic besides the fixtures at the end. transformers is imported inside the factories only:
+test files that never build a model (the loss tests) do not pay for importing it.
 """
 
 from __future__ import annotations
@@ -19,21 +20,6 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoModelForCausalLM,
-    AutoModelForImageClassification,
-    AutoModelForSeq2SeqLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MarianConfig,
-    MarianMTModel,
-    T5Config,
-    T5ForConditionalGeneration,
-    ViTConfig,
-    ViTForImageClassification,
-)
 
 # The machine is shared: one thread per test process avoids oversubscribing the cores (tiny models gain
 # nothing from intra-op parallelism anyway).
@@ -50,8 +36,10 @@ IMAGE_SIZE = 8
 IGNORE = -100
 
 
-def tiny_marian(seed: int = 0) -> MarianMTModel:
+def tiny_marian(seed: int = 0) -> Any:
     """Marian encoder-decoder, d_model 16, one layer each side, no dropout."""
+    from transformers import MarianConfig, MarianMTModel
+
     torch.manual_seed(seed)
     config = MarianConfig(
         vocab_size=VOCAB, decoder_vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
@@ -62,8 +50,10 @@ def tiny_marian(seed: int = 0) -> MarianMTModel:
     return MarianMTModel(config)
 
 
-def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+def tiny_t5(seed: int = 0) -> Any:
     """T5 encoder-decoder, d_model 16, one layer each side, no dropout."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
     torch.manual_seed(seed)
     config = T5Config(
         vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
@@ -73,8 +63,10 @@ def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
     return T5ForConditionalGeneration(config)
 
 
-def tiny_vit(seed: int = 0) -> ViTForImageClassification:
+def tiny_vit(seed: int = 0) -> Any:
     """ViT on 8x8 images with 4x4 patches, hidden 16, one layer, 4 classes, no dropout."""
+    from transformers import ViTConfig, ViTForImageClassification
+
     torch.manual_seed(seed)
     config = ViTConfig(
         image_size=IMAGE_SIZE, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
@@ -84,8 +76,10 @@ def tiny_vit(seed: int = 0) -> ViTForImageClassification:
     return ViTForImageClassification(config)
 
 
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+def tiny_gpt2(seed: int = 0) -> Any:
     """GPT-2 causal LM, n_embd 16, one layer, no dropout (a causal LM without `loss_type`)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -94,8 +88,10 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0) -> Any:
     """Llama causal LM, hidden 16, one layer (a causal LM with `loss_type="ForCausalLM"`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -184,17 +180,24 @@ class ToyTask:
     name: str
     make_model: Any
     make_examples: Any
-    auto_class: Any
+    auto_class_name: str
     seq2seq: bool
     causal: bool
 
+    @property
+    def auto_class(self) -> Any:
+        """The transformers Auto class that reloads a saved model of this task."""
+        import transformers
+
+        return getattr(transformers, self.auto_class_name)
+
 
 TASKS = {
-    "marian": ToyTask("marian", tiny_marian, copy_examples, AutoModelForSeq2SeqLM, seq2seq=True, causal=False),
-    "t5": ToyTask("t5", tiny_t5, copy_examples, AutoModelForSeq2SeqLM, seq2seq=True, causal=False),
-    "vit": ToyTask("vit", tiny_vit, image_examples, AutoModelForImageClassification, seq2seq=False, causal=False),
-    "gpt2": ToyTask("gpt2", tiny_gpt2, counting_examples, AutoModelForCausalLM, seq2seq=False, causal=True),
-    "llama": ToyTask("llama", tiny_llama, counting_examples, AutoModelForCausalLM, seq2seq=False, causal=True),
+    "marian": ToyTask("marian", tiny_marian, copy_examples, "AutoModelForSeq2SeqLM", seq2seq=True, causal=False),
+    "t5": ToyTask("t5", tiny_t5, copy_examples, "AutoModelForSeq2SeqLM", seq2seq=True, causal=False),
+    "vit": ToyTask("vit", tiny_vit, image_examples, "AutoModelForImageClassification", seq2seq=False, causal=False),
+    "gpt2": ToyTask("gpt2", tiny_gpt2, counting_examples, "AutoModelForCausalLM", seq2seq=False, causal=True),
+    "llama": ToyTask("llama", tiny_llama, counting_examples, "AutoModelForCausalLM", seq2seq=False, causal=True),
 }
 
 
