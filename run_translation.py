@@ -110,6 +110,8 @@ LOCAL_DATA_HINT = (
     "lines or csv/tsv."
 )
 SPLITS = ("train", "validation", "test")
+SPLIT_FLAGS = {"train": "--do_train", "validation": "--do_eval or --eval_strategy", "test": "--do_predict"}
+SAMPLE_LIMIT_FLAGS = {"train": "max_train_samples", "validation": "max_eval_samples", "test": "max_predict_samples"}
 LOCAL_FILE_FORMATS = {"json": "json", "jsonl": "json", "csv": "csv", "tsv": "csv"}
 
 
@@ -179,7 +181,7 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False,
-        metadata={"help": "Allow custom models and data sets defined on the Hub in their own modeling files."},
+        metadata={"help": "Allow models defined on the Hub by their own modeling code (executes that code)."},
     )
 
     def __post_init__(self) -> None:
@@ -404,7 +406,11 @@ def read_lines(path: str) -> list[str]:
     """
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
-        text = f.read().decode("utf-8")
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err}).") from err
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last line does not start another one
@@ -530,8 +536,6 @@ def load_raw_datasets(
     return DatasetDict(raw)
 
 
-SPLIT_FLAGS = {"train": "--do_train", "validation": "--do_eval or --eval_strategy", "test": "--do_predict"}
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer and model helpers
@@ -571,6 +575,12 @@ def train_tokenizer(texts: list[str], vocab_size: int, model: str) -> PreTrained
 def scratch_config(model_type: str, tokenizer: Any, overrides: str | None) -> transformers.PretrainedConfig:
     """Default config of ``model_type`` wired to the tokenizer's vocabulary and special tokens, then
     ``overrides`` ("key=value,...") applied."""
+    for token in ("pad_token", "eos_token"):
+        if getattr(tokenizer, f"{token}_id") is None:
+            raise ValueError(
+                f"--tokenizer_name: the tokenizer has no {token}, which a {model_type} model needs (it pads with it "
+                "and starts decoding from the pad token); use a tokenizer that defines both pad and eos tokens."
+            )
     vocab_size = len(tokenizer)
     token_ids = {
         "vocab_size": vocab_size,
@@ -712,6 +722,11 @@ def main() -> None:
                 raise ValueError(
                     f"--{split}_{kind} is given but unused: add {SPLIT_FLAGS[split]}, or drop --{split}_{kind}."
                 )
+        limit_flag = SAMPLE_LIMIT_FLAGS[split]
+        if getattr(data_args, limit_flag) is not None and split not in needed_splits:
+            raise ValueError(f"--{limit_flag} is given but unused: add {SPLIT_FLAGS[split]}, or drop --{limit_flag}.")
+    if data_args.bleu_tokenize is not None and not training_args.predict_with_generate:
+        raise ValueError("--bleu_tokenize applies to generated text: add --predict_with_generate.")
     if model_args.trains_tokenizer and not training_args.do_train:
         raise ValueError(
             "A model built from scratch (--model_type) without --tokenizer_name trains its tokenizer on the "
@@ -739,13 +754,9 @@ def main() -> None:
     # 5. Data: Hub data set, json lines / csv / tsv files, or parallel text files.
     # ------------------------------------------------------------------------------------------------------
     raw_datasets = load_raw_datasets(data_args, model_args, needed_splits)
-    sample_limits = {
-        "train": data_args.max_train_samples,
-        "validation": data_args.max_eval_samples,
-        "test": data_args.max_predict_samples,
-    }
-    for split, limit in sample_limits.items():
-        if split in raw_datasets and limit is not None:
+    for split in needed_splits:
+        limit = getattr(data_args, SAMPLE_LIMIT_FLAGS[split])
+        if limit is not None:
             raw_datasets[split] = raw_datasets[split].select(range(min(limit, len(raw_datasets[split]))))
     source_key, target_key = data_args.source_key, data_args.target_key
 
@@ -766,7 +777,13 @@ def main() -> None:
             )
     elif checkpoint is not None:
         # Resuming: the checkpoint's tokenizer defines the ids its weights were trained with.
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        except OSError as err:
+            raise ValueError(
+                f"Checkpoint {checkpoint} holds no tokenizer to resume with; pass the tokenizer it was trained "
+                "with as --tokenizer_name."
+            ) from err
     else:
         # One process trains and saves the tokenizer, the others load that copy, so that all processes share
         # identical ids even if training were not deterministic.

@@ -179,6 +179,18 @@ def test_marian_from_scratch_on_parallel_text(toy_text: Path, tmp_path: Path, ru
     assert regenerated == predictions
     assert_reloads_like_checkpoint(out, out / "checkpoint-100", sources[0])
 
+    # The saved folder is a pretrained model for the script: evaluating it again gives the same scores.
+    reevaluated = tmp_path / "reevaluated"
+    run_main(
+        ["--model_name_or_path", out, "--validation_prefix", toy_text / "val", "--source_lang", "de",
+         "--target_lang", "en", "--max_source_length", 32, "--max_target_length", 32, "--do_eval",
+         "--predict_with_generate", "--per_device_eval_batch_size", 4, "--output_dir", reevaluated, "--use_cpu",
+         "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
+    )
+    again = read_json(reevaluated / "all_results.json")
+    assert (again["eval_bleu"], again["eval_chrf"]) == (results["eval_bleu"], results["eval_chrf"])
+    assert again["eval_nll"] == pytest.approx(results["eval_nll"], rel=1e-5)
+
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "trained from scratch on the local de-en data (train, val, test)" in card
     assert "LABO" in card
