@@ -35,7 +35,7 @@ Usage (copy-paste; replace the data paths):
     # (e.g. "d_model=256,d_ff=1024,num_layers=3,num_decoder_layers=3,num_heads=4,d_kv=64").
     python run_translation.py \\
         --model_name_or_path google-t5/t5-small --source_prefix "translate English to German: " \\
-        --dataset_name wmt16 --dataset_config_name de-en --source_lang en --target_lang de \\
+        --dataset_name wmt/wmt16 --dataset_config_name de-en --source_lang en --target_lang de \\
         --do_train --do_eval --predict_with_generate --output_dir runs/t5-small-wmt16-labo
 
     # Several processes: the same arguments under torchrun or accelerate launch.
@@ -707,6 +707,11 @@ def main() -> None:
         raise ValueError(
             "--do_predict writes generated translations and their BLEU/chrF; add --predict_with_generate."
         )
+    if training_args.batch_eval_metrics and training_args.predict_with_generate:
+        raise ValueError(
+            "--batch_eval_metrics cannot be combined with --predict_with_generate here: corpus BLEU and chrF need "
+            "all predictions at once."
+        )
     needed_splits = [
         split
         for split, needed in zip(
@@ -786,7 +791,7 @@ def main() -> None:
             ) from err
     else:
         # One process trains and saves the tokenizer, the others load that copy, so that all processes share
-        # identical ids even if training were not deterministic.
+        # identical ids even if training were not deterministic (--output_dir is shared, as for checkpoints).
         with training_args.main_process_first(local=False, desc="tokenizer training"):
             if training_args.process_index == 0:
                 train_translations = raw_datasets["train"]["translation"]

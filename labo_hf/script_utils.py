@@ -52,7 +52,9 @@ def _in_hub_cache(name: str, repo_type: str, cache_dir: str | None) -> bool:
     from huggingface_hub import constants
 
     folder = f"{repo_type}s--" + name.replace("/", "--")
-    roots = [cache_dir] if cache_dir else [constants.HF_HUB_CACHE]
+    # Look everywhere a cached copy may live: wrongly reporting "not cached" would block a valid offline run.
+    roots = [cache_dir] if cache_dir else []
+    roots.append(constants.HF_HUB_CACHE)
     if repo_type == "dataset":
         # `datasets` keeps its own cache of prepared data next to the Hub snapshot cache.
         roots.append(os.environ.get("HF_DATASETS_CACHE", os.path.join(constants.HF_HOME, "datasets")))

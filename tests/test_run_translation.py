@@ -455,3 +455,26 @@ def test_labo_model_card_kwargs() -> None:
     assert labo_model_card_kwargs(baseline, "translation")["tags"] == [
         "labo", "label-regularization", "label-regularizer-cross_entropy", "label-regularizer-alpha-0",
     ]  # fmt: skip
+
+
+def test_dataset_name_as_local_folder_and_unreachable_hub_dataset(tmp_path: Path, run_main) -> None:
+    """--dataset_name takes a Hub id or a local data set folder (split names inferred from the file names);
+    an unknown Hub id fails fast offline, naming the local-file flags."""
+    folder = tmp_path / "toy_dataset"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", *toy_pairs(40, 0))
+    write_jsonl(folder / "validation.jsonl", *toy_pairs(NUM_EVAL, 1))
+    out = tmp_path / "out"
+    common = ["--model_type", "marian", "--config_overrides", MARIAN_OVERRIDES, "--train_tokenizer_vocab_size", 100,
+              "--source_lang", "de", "--target_lang", "en", "--max_source_length", 32, "--max_target_length", 32,
+              "--do_train", "--do_eval", "--max_steps", 2,
+              "--output_dir", out, "--use_cpu", "--report_to", "none", "--disable_tqdm", "true",
+              "--cache_dir", tmp_path / "cache"]  # fmt: skip
+    run_main(["--dataset_name", folder, *common])
+    results = read_json(out / "all_results.json")
+    assert (results["train_samples"], results["eval_samples"]) == (40, NUM_EVAL)
+    assert_finite_metrics(results, ["eval_loss", "eval_nll"])
+    assert "eval_bleu" not in results  # no --predict_with_generate: nothing generated to score
+
+    with pytest.raises(ValueError, match=r"--dataset_name='someone/unknown-data'.*--train_prefix"):
+        run_main(["--dataset_name", "someone/unknown-data", *common])
