@@ -241,13 +241,16 @@ def test_t5_from_scratch_on_json_lines_from_args_file(tmp_path: Path, run_main) 
 
 def test_resume_from_checkpoint_matches_uninterrupted_training(toy_text: Path, tmp_path: Path, run_main) -> None:
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
-    run_main(marian_args(toy_text, interrupted, steps=4) + ["--save_steps", 4])
+    unigram = ["--train_tokenizer_model", "unigram"]  # the other tokenizer model; resumed from the checkpoint
+    run_main(marian_args(toy_text, interrupted, steps=4) + ["--save_steps", 4, *unigram])
     assert (interrupted / "checkpoint-4").is_dir()
     run_main(
         marian_args(toy_text, interrupted, steps=8)
-        + ["--save_steps", 4, "--resume_from_checkpoint", interrupted / "checkpoint-4"]
+        + ["--save_steps", 4, "--resume_from_checkpoint", interrupted / "checkpoint-4", *unigram]
     )
-    run_main(marian_args(toy_text, straight, steps=8) + ["--save_steps", 4])
+    run_main(marian_args(toy_text, straight, steps=8) + ["--save_steps", 4, *unigram])
+    tokenizer_model = json.loads((interrupted / "tokenizer.json").read_text(encoding="utf-8"))["model"]["type"]
+    assert tokenizer_model == "Unigram"
 
     assert read_json(interrupted / "trainer_state.json")["global_step"] == 8
     resumed, reference = load_file(interrupted / "model.safetensors"), load_file(straight / "model.safetensors")
