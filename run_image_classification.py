@@ -54,11 +54,15 @@ Defaults chosen by this script (each applies only when the user did not set the 
 are logged at startup):
 
 - No ``--do_train``/``--do_eval``/``--do_predict`` at all: ``--do_train --do_eval``.
-- No ``--model_name_or_path``, ``--model_type`` or ``--config_name``: a small ViT from scratch,
-  ``model_type=vit`` with ``SMALL_VIT_CONFIG`` below (``--config_overrides`` still applies on top).
-- Training from scratch (no ``--model_name_or_path``): ``SCRATCH_TRAINING_DEFAULTS`` below (lr 1e-3 with
-  10% warmup and cosine decay, 30 epochs, batch 64, weight decay 0.05, log every 10 steps, no
-  intermediate checkpoints). transformers' own defaults (lr 5e-5, 3 epochs) suit fine-tuning only.
+- No ``--model_name_or_path``, ``--model_type`` or ``--config_name``: a small ViT from scratch
+  (0.14M parameters), ``--model_type vit`` with
+  ``image_size=16,patch_size=4,hidden_size=64,num_hidden_layers=4,num_attention_heads=4,intermediate_size=128``;
+  ``--config_overrides`` still applies on top (e.g. ``image_size=32`` for CIFAR-sized images).
+- Training from scratch (no ``--model_name_or_path``):
+  ``--learning_rate 1e-3 --warmup_steps 0.1 --lr_scheduler_type cosine --weight_decay 0.05
+  --num_train_epochs 30 --per_device_train_batch_size 64 --per_device_eval_batch_size 256
+  --logging_steps 10 --save_strategy no`` (warmup 0.1 = 10% of the steps; no intermediate checkpoints).
+  transformers' own defaults (lr 5e-5, 3 epochs, a checkpoint every 500 steps) suit fine-tuning.
 - The small ViT default on CPU runs with one intra-op thread unless ``OMP_NUM_THREADS`` is set (its
   matrices are too small to gain from more, and oversubscribed cores make extra threads costly).
 - ``--horizontal_flip`` unset: off for the digits default (mirrored digits are other symbols), on for any
@@ -291,6 +295,10 @@ class DataTrainingArguments:
 # ---------------------------------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default and keeps the description's line breaks (its commands stay copy-pastable)."""
+
+
 def _explicit_cli_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """Names of the arguments present on the command line (whatever their value).
 
@@ -327,7 +335,12 @@ def parse_arguments(
     Returns the dataclasses and the script defaults that were applied (flag -> value).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, LABOTrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, LABOTrainingArguments),
+        # --help starts with this module's docstring (usage commands, script defaults), verbatim.
+        description=__doc__,
+        formatter_class=_HelpFormatter,
+    )
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         path = os.path.abspath(argv[0])
         if not os.path.isfile(path):
@@ -344,9 +357,10 @@ def parse_arguments(
         model_args, data_args, training_args = parser.parse_dict({**typed_defaults, **file_arguments})
         return model_args, data_args, training_args, defaults
 
-    explicit = _explicit_cli_dests(parser, argv)
-    # First parse: validates the command line and tells whether a pretrained model is used.
+    # First parse: validates the command line (and answers --help, with the real defaults) and tells
+    # whether a pretrained model is used.
     model_args, _, _ = parser.parse_args_into_dataclasses(args=argv)
+    explicit = _explicit_cli_dests(parser, argv)
     defaults = _script_defaults(explicit, {"model_name_or_path": model_args.model_name_or_path})
     default_flags = [token for key, value in defaults.items() for token in (f"--{key}", value)]
     # The defaults come first so that nothing the user typed can be overridden by them (and they only
@@ -633,9 +647,16 @@ class ImageClassificationLABOTrainer(LABOTrainer):
         path = os.path.join(self.args.output_dir, "README.md")
         with open(path, encoding="utf-8") as f:
             card = f.read()
+        # A model built from a config has an empty _name_or_path, which transformers' card generator takes
+        # for a base model and renders as "a fine-tuned version of [](https://huggingface.co/)".
+        card = card.replace(
+            "This model is a fine-tuned version of [](https://huggingface.co/) on ",
+            "This model was trained from scratch on ",
+        )
         if LABO_MODEL_CARD_MARKER not in card:
-            with open(path, "a", encoding="utf-8") as f:
-                f.write("\n" + labo_model_card_section(self.args))
+            card += "\n" + labo_model_card_section(self.args)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(card)
 
 
 def _scratch_image_processor(model_type: str, config: Any) -> Any:

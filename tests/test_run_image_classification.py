@@ -145,6 +145,7 @@ def test_model_card_names_labo(folder_run):
     assert "- labo_temperature: 2.0" in card
     assert "- labo\n" in card  # tag in the YAML header
     assert "image-classification" in card
+    assert "This model was trained from scratch on the train dataset." in card
 
 
 def test_zipped_folders_give_the_same_run(folder_run, image_data, tmp_path, monkeypatch):
@@ -266,6 +267,14 @@ def test_script_defaults_never_override_user_flags():
     # Fine-tuning a checkpoint: transformers' own defaults, not the from-scratch ones.
     model_args, _, args, applied = script.parse_arguments(["--output_dir", "x", "--model_name_or_path", "m"])
     assert args.learning_rate == 5e-5 and set(applied) == {"do_train", "do_eval"}
+
+
+def test_script_defaults_are_documented():
+    # The module docstring (shown by --help) spells out every default the script applies.
+    doc = " ".join(script.__doc__.split())
+    for key, value in script.SCRATCH_TRAINING_DEFAULTS.items():
+        assert f"--{key} {value}" in doc, key
+    assert ",".join(f"{key}={value}" for key, value in script.SMALL_VIT_CONFIG.items()) in doc
 
 
 def test_arguments_from_yaml_and_json_files(tmp_path):
