@@ -17,6 +17,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DATA_DIR = Path(os.environ.get("LABO_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data")))
 
+# Line-buffered output so that a bench running under nohup shows its progress as it goes.
+if hasattr(sys.stdout, "reconfigure"):
+    sys.stdout.reconfigure(line_buffering=True)
+
 # Make `import labo_hf` work when the package is not pip-installed (bench run from a checkout).
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
