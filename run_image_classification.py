@@ -65,6 +65,7 @@ are logged at startup):
   transformers' own defaults (lr 5e-5, 3 epochs, a checkpoint every 500 steps) suit fine-tuning.
 - The small ViT default on CPU runs with one intra-op thread unless ``OMP_NUM_THREADS`` is set (its
   matrices are too small to gain from more, and oversubscribed cores make extra threads costly).
+- The digits default has no test split: ``--do_predict`` predicts on its held-out 20%.
 - ``--horizontal_flip`` unset: off for the digits default (mirrored digits are other symbols), on for any
   other data.
 - ``--random_crop_padding`` unset: ``image_size // 8`` pixels (4 for 32x32 inputs, as in the usual
@@ -86,6 +87,7 @@ import datasets
 import numpy as np
 import torch
 import transformers
+import yaml
 from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset
 from datasets import Image as ImageFeature
 from PIL import Image
@@ -148,6 +150,8 @@ SCRATCH_TRAINING_DEFAULTS: dict[str, str] = {
 # whatever its seed or regularizer, is evaluated on the same 360 images.
 DIGITS_SPLIT_SEED = 0
 DIGITS_VALIDATION_FRACTION = 0.2
+# Held out of the training data for evaluation when no validation data is given (--train_val_split).
+DEFAULT_TRAIN_VAL_SPLIT = 0.15
 
 
 @dataclass
@@ -208,7 +212,7 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False,
-        metadata={"help": "Allow models and datasets defined by code on the Hub. Only for repositories you trust."},
+        metadata={"help": "Allow models defined by code on the Hub. Only for repositories you trust."},
     )
     ignore_mismatched_sizes: bool = field(
         default=False,
@@ -248,10 +252,13 @@ class DataTrainingArguments:
         default=None,
         metadata={"help": "Label column of --dataset_name (default: 'label' or 'labels', else the first ClassLabel)."},
     )
-    train_val_split: float = field(
-        default=0.15,
+    train_val_split: float | None = field(
+        default=None,
         metadata={
-            "help": "Fraction of the training data held out for validation when no validation data is given."
+            "help": (
+                "Fraction of the training data held out (stratified, seeded by --seed) for evaluation when no "
+                "validation data is given. Default (unset): 0.15."
+            )
         },
     )
     max_train_samples: int | None = field(
@@ -280,8 +287,8 @@ class DataTrainingArguments:
     )
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.train_val_split < 1.0:
-            raise ValueError(f"--train_val_split must lie in [0, 1); got {self.train_val_split}")
+        if self.train_val_split is not None and not 0.0 < self.train_val_split < 1.0:
+            raise ValueError(f"--train_val_split must lie in (0, 1); got {self.train_val_split}")
         for flag in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
             value = getattr(self, flag)
             if value is not None and value < 1:
@@ -346,8 +353,7 @@ def parse_arguments(
         if not os.path.isfile(path):
             raise ValueError(f"Arguments file {path!r} does not exist")
         with open(path, encoding="utf-8") as f:
-            import yaml  # a dependency of transformers; YAML is a superset of JSON
-
+            # YAML is a superset of JSON, so one loader reads both.
             file_arguments = yaml.safe_load(f) or {}
         if not isinstance(file_arguments, dict):
             raise ValueError(f"Arguments file {path!r} must hold a mapping of argument names to values")
@@ -495,6 +501,25 @@ def _find_columns(dataset: Dataset, data_args: DataTrainingArguments) -> tuple[s
     elif label_column not in features:
         raise ValueError(f"--label_column_name={label_column!r} is not a column of the dataset ({list(features)})")
     return image_column, label_column
+
+
+def _encode_labels(raw: DatasetDict, label_column: str) -> DatasetDict:
+    """Turn plain int or string labels into a ClassLabel shared by all splits (sorted values).
+
+    ``DatasetDict.class_encode_column`` would encode each split on its own, so a class missing from one
+    split would shift the ids of the others.
+    """
+    values = sorted({value for split in raw.values() for value in split[label_column]})
+    ids = {value: i for i, value in enumerate(values)}
+    encoded = {}
+    for name, split in raw.items():
+        features = split.features.copy()
+        features[label_column] = ClassLabel(names=[str(value) for value in values])
+        encoded[name] = split.map(
+            lambda labels: {label_column: [ids[value] for value in labels]},
+            batched=True, input_columns=[label_column], features=features,
+        )
+    return DatasetDict(encoded)
 
 
 class RandomCropFlip:
@@ -718,6 +743,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"--validation_dir={data_args.validation_dir!r} was given without --train_dir, but training is "
             "on: pass --train_dir too, or --do_eval alone (with --model_name_or_path) to only evaluate."
         )
+    if data_args.test_dir is not None and not training_args.do_predict:
+        raise ValueError(f"--test_dir={data_args.test_dir!r} is only used by --do_predict; add --do_predict")
     if uses_digits and data_args.test_dir is not None:
         raise ValueError("--test_dir needs --train_dir or --validation_dir (the digits default has its own split)")
     if model_args.config_overrides is not None and (model_args.model_name_or_path or model_args.config_name):
@@ -725,6 +752,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "--config_overrides only applies to a model trained from scratch; it cannot be combined with "
             "--model_name_or_path or --config_name"
         )
+    if data_args.dataset_config_name is not None and data_args.dataset_name is None:
+        raise ValueError("--dataset_config_name needs --dataset_name")
+    if model_args.ignore_mismatched_sizes and model_args.model_name_or_path is None:
+        raise ValueError("--ignore_mismatched_sizes only applies when loading --model_name_or_path")
     if model_args.model_type is not None and model_args.model_name_or_path is not None:
         raise ValueError("--model_type (train from scratch) cannot be combined with --model_name_or_path")
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
@@ -750,7 +781,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if uses_small_vit and training_args.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # The built-in small ViT multiplies 16x64 matrices: more intra-op threads gain nothing there, and
         # on oversubscribed cores (a shared machine) their synchronization made steps 10x slower in our
-        # measurements. Setting OMP_NUM_THREADS restores torch's choice.
+        # measurements. An explicit OMP_NUM_THREADS is left to torch.
         torch.set_num_threads(1)
         logger.info("Small ViT on CPU: using 1 intra-op thread (set OMP_NUM_THREADS to choose another number)")
 
@@ -770,7 +801,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 data_args.dataset_config_name,
                 cache_dir=model_args.cache_dir,
                 token=model_args.token,
-                trust_remote_code=model_args.trust_remote_code,
             )
         dataset_label = data_args.dataset_name
     elif uses_digits:
@@ -790,8 +820,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"No label column found in {list(first_split.features)}; pass --label_column_name"
         )
     if not isinstance(first_split.features[label_column], ClassLabel):
-        # Plain int or string labels: map them to ids consistently across splits.
-        raw = raw.class_encode_column(label_column)
+        raw = _encode_labels(raw, label_column)
     class_names = raw[next(iter(raw))].features[label_column].names
     num_labels = len(class_names)
     if num_labels < 2:
@@ -800,13 +829,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.do_eval and "validation" not in raw and "train" in raw:
         # Hold out part of the training data for evaluation (only when evaluating: a train-only run keeps
         # all of it).
-        if data_args.train_val_split == 0.0:
-            raise ValueError("--do_eval needs validation data: pass --validation_dir or a --train_val_split > 0")
-        else:
-            split = raw["train"].train_test_split(
-                test_size=data_args.train_val_split, seed=training_args.seed, stratify_by_column=label_column
-            )
-            raw["train"], raw["validation"] = split["train"], split["test"]
+        test_size = data_args.train_val_split if data_args.train_val_split is not None else DEFAULT_TRAIN_VAL_SPLIT
+        split = raw["train"].train_test_split(
+            test_size=test_size, seed=training_args.seed, stratify_by_column=label_column
+        )
+        raw["train"], raw["validation"] = split["train"], split["test"]
+    elif data_args.train_val_split is not None:
+        raise ValueError(
+            f"--train_val_split={data_args.train_val_split} is unused: it only applies with --do_eval and "
+            "training data without a validation split"
+        )
     if uses_digits and training_args.do_predict:
         # The digits default has no third split; predict on the held-out 20% (documented in --help).
         raw["test"] = raw["validation"]

@@ -163,6 +163,35 @@ def test_zipped_folders_give_the_same_run(folder_run, image_data, tmp_path, monk
     assert config["id2label"] == {"0": "blue", "1": "green", "2": "red"}
 
 
+def test_dataset_name_local_folder_with_held_out_validation(image_data, tmp_path, monkeypatch):
+    # load_dataset() on a local <class>/<image> folder: one train split; 15% of it (stratified) is held
+    # out for evaluation since there is no validation split.
+    results = run_main(
+        monkeypatch, "--output_dir", str(tmp_path / "out"), "--dataset_name", str(image_data["train"]),
+        "--cache_dir", str(tmp_path / "cache"), "--max_steps", "2", *TINY_VIT,
+    )
+    assert results["train_samples"] == 30 and results["eval_samples"] == 6
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["id2label"] == {"0": "blue", "1": "green", "2": "red"}
+
+
+def test_plain_labels_get_one_mapping_across_splits():
+    from datasets import Dataset, DatasetDict
+
+    raw = DatasetDict(
+        {
+            "train": Dataset.from_dict({"label": ["cat", "dog", "cat", "eel"]}),
+            "validation": Dataset.from_dict({"label": ["eel", "eel"]}),  # no cat, no dog
+        }
+    )
+    encoded = script._encode_labels(raw, "label")
+    assert encoded["train"].features["label"].names == ["cat", "dog", "eel"]
+    assert encoded["train"]["label"] == [0, 1, 0, 2]
+    assert encoded["validation"]["label"] == [2, 2]
+    ints = script._encode_labels(DatasetDict({"train": Dataset.from_dict({"label": [10, 2, 10]})}), "label")
+    assert ints["train"].features["label"].names == ["2", "10"] and ints["train"]["label"] == [1, 0, 1]
+
+
 def test_digits_default_few_steps(tmp_path, monkeypatch):
     results = run_main(monkeypatch, "--output_dir", str(tmp_path), "--max_steps", "3", "--disable_tqdm", "true")
     # Train and eval are on by default; stratified 80/20 split of the 1,797 digits.
@@ -241,6 +270,9 @@ def test_explicit_resume_from_checkpoint_must_exist(tmp_path, monkeypatch, image
         (["--model_name_or_path", "./missing/checkpoint"], "no such local file or folder"),
         (["--dataset_name", "beans", "--train_dir", "TRAIN"], "--dataset_name cannot be combined"),
         (["--model_name_or_path", "x", "--config_overrides", "image_size=8"], "--config_overrides"),
+        (["--train_dir", "TRAIN", "--validation_dir", "VALIDATION", "--train_val_split", "0.2"], "--train_val_split"),
+        (["--train_dir", "TRAIN", "--test_dir", "VALIDATION"], "--test_dir=.* --do_predict"),
+        (["--train_dir", "TRAIN", "--train_val_split", "1.5"], r"--train_val_split must lie in \(0, 1\)"),
     ],
 )
 def test_bad_arguments_fail_fast_with_the_flag(arguments, message, tmp_path, monkeypatch, image_data):
