@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -242,21 +241,32 @@ def peak_bytes_cuda(fn, logits, labels):
     return peak
 
 
-def _current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def rss_child(args):
-    """Runs in a fresh process: one forward+backward of one method; prints peak RSS growth in bytes."""
+    """Runs in a fresh process: one forward+backward of one method; prints peak RSS growth in bytes.
+
+    Peak = VmHWM after the call minus VmRSS before it, with the high-water mark reset to the current
+    RSS just before the call (writing 5 to /proc/self/clear_refs, Linux >= 4.0). ru_maxrss is not
+    usable here: it keeps the parent's high-water mark across fork+exec, and would include the
+    transient copies made while creating the logits.
+    """
     name, v = args.rss_child.rsplit(":", 1)
     device = torch.device("cpu")
     methods = build_methods(args, device)
     logits, labels = make_inputs(args.n, int(v), args, device)
     fn = methods[name][1]
-    before = _current_rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_bytes("VmRSS")
     fwd_bwd(fn, logits, labels)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = _status_bytes("VmHWM")
     print(json.dumps({"rss_peak_bytes": max(0, peak - before)}))
 
 
