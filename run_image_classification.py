@@ -331,6 +331,9 @@ def _script_defaults(explicit: set[str], values: dict[str, Any]) -> dict[str, st
         defaults.update({"do_train": "true", "do_eval": "true"})
     if values.get("model_name_or_path") is None:
         defaults.update(SCRATCH_TRAINING_DEFAULTS)
+        if "save_steps" in explicit:
+            # --save_steps alone asks for checkpoints at transformers' default save_strategy ("steps").
+            defaults.pop("save_strategy")
     return {key: value for key, value in defaults.items() if key not in explicit}
 
 
@@ -541,7 +544,17 @@ class RandomCropFlip:
         self.horizontal_flip = horizontal_flip
         self.fill = np.asarray(fill, dtype=np.float32).reshape(-1, 1, 1)
         self.seed = seed
-        self.epoch = 0
+        # In shared memory so that data-loader worker processes, persistent ones included, see the epoch
+        # the main process sets (a plain int would be copied into each worker once).
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(value)
 
     def __call__(self, pixel_values: np.ndarray, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch, index])

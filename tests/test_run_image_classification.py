@@ -192,6 +192,29 @@ def test_plain_labels_get_one_mapping_across_splits():
     assert ints["train"].features["label"].names == ["2", "10"] and ints["train"]["label"] == [1, 0, 1]
 
 
+def test_augmentation_is_per_example_and_per_epoch_also_in_persistent_workers():
+    augmentation = script.RandomCropFlip(padding=2, horizontal_flip=True, fill=np.zeros(3), seed=0)
+    image = np.arange(3 * 8 * 8, dtype=np.float32).reshape(3, 8, 8)
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return torch.from_numpy(augmentation(image, index))
+
+    expected = {}
+    for epoch in (0, 1):
+        augmentation.epoch = epoch
+        expected[epoch] = torch.stack([Images()[i] for i in range(4)])
+    # Same seed, epoch and index: same crop; another epoch: other crops.
+    assert not torch.equal(expected[0], expected[1])
+    loader = torch.utils.data.DataLoader(Images(), batch_size=4, num_workers=1, persistent_workers=True)
+    for epoch in (0, 1):
+        augmentation.epoch = epoch  # set in the main process, read by the (persistent) worker
+        assert torch.equal(next(iter(loader)), expected[epoch])
+
+
 def test_digits_default_few_steps(tmp_path, monkeypatch):
     results = run_main(monkeypatch, "--output_dir", str(tmp_path), "--max_steps", "3", "--disable_tqdm", "true")
     # Train and eval are on by default; stratified 80/20 split of the 1,797 digits.
@@ -296,6 +319,9 @@ def test_script_defaults_never_override_user_flags():
     # --no_* forms of boolean flags count as set too.
     _, _, args, _ = script.parse_arguments(["--output_dir", "x", "--do_train", "false", "--do_predict"])
     assert not args.do_train and not args.do_eval and args.do_predict
+    # --save_steps alone keeps transformers' save_strategy ("steps") instead of the script's "no".
+    _, _, args, applied = script.parse_arguments(["--output_dir", "x", "--save_steps", "50"])
+    assert args.save_strategy == "steps" and args.save_steps == 50 and "save_strategy" not in applied
     # Fine-tuning a checkpoint: transformers' own defaults, not the from-scratch ones.
     model_args, _, args, applied = script.parse_arguments(["--output_dir", "x", "--model_name_or_path", "m"])
     assert args.learning_rate == 5e-5 and set(applied) == {"do_train", "do_eval"}
