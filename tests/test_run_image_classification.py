@@ -148,6 +148,27 @@ def test_model_card_names_labo(folder_run):
     assert "This model was trained from scratch on the train dataset." in card
 
 
+def test_fine_tune_from_local_checkpoint_folder(folder_run, image_data, tmp_path, monkeypatch):
+    # --model_name_or_path with a local folder (the run above): config, weights and image processor come
+    # from it, and the from-scratch training defaults do not apply (transformers' lr 5e-5).
+    checkpoint_dir, _ = folder_run
+    results = run_main(
+        monkeypatch, "--output_dir", str(tmp_path), "--model_name_or_path", str(checkpoint_dir),
+        "--train_dir", str(image_data["train"]), "--validation_dir", str(image_data["validation"]),
+        "--max_steps", "2", "--logging_steps", "1", "--label_regularizer", "label_smoothing",
+        "--per_device_train_batch_size", "8",
+        "--disable_tqdm", "true",
+    )
+    assert results["eval_accuracy"] == 1.0 and results["eval_num_examples"] == 15
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    # transformers' linear decay from 5e-5 over 2 steps, no warmup (not the script's 1e-3 cosine).
+    learning_rates = [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
+    assert learning_rates == pytest.approx([5e-5, 2.5e-5])
+    card = (tmp_path / "README.md").read_text()
+    assert "- label_regularizer: label_smoothing" in card and "labo_temperature" not in card
+    assert f"fine-tuned version of [{checkpoint_dir}]" in card
+
+
 def test_zipped_folders_give_the_same_run(folder_run, image_data, tmp_path, monkeypatch):
     _, folder_results = folder_run
     results = run_main(
