@@ -50,7 +50,8 @@ PRESETS = {
     # with 3 seeds (the ViT is cheap enough to add with 2 seeds).
     "cpu": dict(models=["resnet", "vit"], seeds=[0, 1, 2], train_size=10000, test_size=2000, epochs=4,
                 batch_size=128, lr=None, sweep=False, cifar_stem=False, width="small"),
-    "gpu": dict(models=["resnet", "vit"], seeds=[0, 1, 2, 3, 4], train_size=None, test_size=None, epochs=60,
+    # ResNet-18-like (CIFAR stem) and a 6-layer ViT, 3 seeds + the sweep: ~2 h on one H100.
+    "gpu": dict(models=["resnet", "vit"], seeds=[0, 1, 2], train_size=None, test_size=None, epochs=30,
                 batch_size=128, lr=None, sweep=True, cifar_stem=True, width="base"),
     "tiny": dict(models=["resnet", "vit"], seeds=[0], train_size=64, test_size=64, epochs=1,
                  batch_size=32, lr=None, sweep=False, cifar_stem=False, width="tiny"),
@@ -229,7 +230,7 @@ def train_and_eval(cfg: dict, args, data) -> dict:
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=256,
             num_train_epochs=args.epochs, max_steps=args.max_steps or -1, learning_rate=lr,
             weight_decay=0.05, lr_scheduler_type="cosine", warmup_steps=0.05, seed=cfg["seed"],
-            logging_steps=50, disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+            logging_steps=50, disable_tqdm=True, dataloader_num_workers=4 if torch.cuda.is_available() else 0, use_cpu=not torch.cuda.is_available(),
             bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
             label_regularizer=cfg["regularizer"],
             label_regularizer_alpha=None if cfg["regularizer"] == "cross_entropy" else cfg["alpha"],
