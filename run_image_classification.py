@@ -15,7 +15,7 @@ Evaluation reports accuracy (plus top-5 accuracy when there are more than 10 cla
 log-likelihood ``eval_nll`` and the expected calibration error ``eval_ece`` (15 bins), since label
 regularizers change calibration as much as accuracy.
 
-Quick start (offline, CPU, about a minute): with no data argument the script trains a small ViT from
+Quick start (offline, CPU, under a minute on two cores): with no data argument the script trains a small ViT from
 scratch on scikit-learn's digits (1,797 real 8x8 images, stratified 80/20 split), then evaluates it and
 writes ``eval_accuracy`` to ``OUTPUT_DIR/all_results.json``::
 
@@ -31,7 +31,7 @@ Image folders (``<class>/<image>``) or zip files of them (``<split>/<class>/<ima
 ``<class>/<image>`` inside the zip), e.g. CIFAR-10, from scratch with a ViT sized for 32x32 images::
 
     python run_image_classification.py --output_dir outputs/cifar10-labo \\
-        --train_dir data/cifar10/train.zip --validation_dir data/cifar10/test.zip \\
+        --train_dir /path/to/cifar10/train.zip --validation_dir /path/to/cifar10/test.zip \\
         --model_type vit \\
         --config_overrides image_size=32,patch_size=4,hidden_size=192,num_hidden_layers=6,num_attention_heads=3,intermediate_size=768 \\
         --num_train_epochs 50 --per_device_train_batch_size 128 --learning_rate 1e-3
@@ -43,10 +43,20 @@ Fine-tune a pretrained checkpoint (Hub id or local folder) on a Hub dataset::
         --learning_rate 2e-5 --num_train_epochs 5 --per_device_train_batch_size 32 \\
         --eval_strategy epoch --save_strategy epoch --push_to_hub
 
+Checkpoints and resuming: pass a ``--save_strategy`` (the from-scratch default is ``no``); running the
+same command again with the same ``--output_dir`` resumes from its last ``checkpoint-*`` folder, and
+``--resume_from_checkpoint`` names one explicitly::
+
+    python run_image_classification.py --output_dir outputs/digits-labo --save_strategy epoch
+    python run_image_classification.py --output_dir outputs/digits-labo2 \\
+        --resume_from_checkpoint outputs/digits-labo/checkpoint-230
+
 Several processes (the command is otherwise unchanged)::
 
     torchrun --nproc_per_node 2 run_image_classification.py --output_dir outputs/digits-ddp
-    accelerate launch run_image_classification.py --output_dir outputs/digits-ddp
+    accelerate launch --num_processes 2 run_image_classification.py --output_dir outputs/digits-ddp
+
+(on a machine without GPUs, add ``--use_cpu`` to the torchrun command).
 
 All arguments can also come from one JSON or YAML file: ``python run_image_classification.py args.yaml``.
 
@@ -61,7 +71,8 @@ are logged at startup):
 - Training from scratch (no ``--model_name_or_path``):
   ``--learning_rate 1e-3 --warmup_steps 0.1 --lr_scheduler_type cosine --weight_decay 0.05
   --num_train_epochs 30 --per_device_train_batch_size 64 --per_device_eval_batch_size 256
-  --logging_steps 10 --save_strategy no`` (warmup 0.1 = 10% of the steps; no intermediate checkpoints).
+  --logging_steps 10 --save_strategy no`` (warmup 0.1 = 10% of the steps; no intermediate checkpoints,
+  unless ``--save_steps`` is given, which keeps transformers' ``--save_strategy steps``).
   transformers' own defaults (lr 5e-5, 3 epochs, a checkpoint every 500 steps) suit fine-tuning.
 - The small ViT default on CPU runs with one intra-op thread unless ``OMP_NUM_THREADS`` is set (its
   matrices are too small to gain from more, and oversubscribed cores make extra threads costly).
@@ -771,6 +782,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise ValueError("--ignore_mismatched_sizes only applies when loading --model_name_or_path")
     if model_args.model_type is not None and model_args.model_name_or_path is not None:
         raise ValueError("--model_type (train from scratch) cannot be combined with --model_name_or_path")
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched_processes > 1 and training_args.world_size != launched_processes:
+        # Without GPUs, accelerate only joins the processes of torchrun/accelerate launch into one job when
+        # told to use the CPU; otherwise each runs alone, all racing on the same --output_dir.
+        raise ValueError(
+            f"Launched as {launched_processes} processes (WORLD_SIZE) but set up as {training_args.world_size}: "
+            "on a machine without GPUs add --use_cpu to run them as one distributed job."
+        )
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         raise ValueError("Nothing to do: pass at least one of --do_train, --do_eval, --do_predict")
     local_model_hint = (

@@ -328,6 +328,13 @@ def test_bad_arguments_fail_fast_with_the_flag(arguments, message, tmp_path, mon
         run_main(monkeypatch, "--output_dir", str(tmp_path), *arguments)
 
 
+def test_multi_process_launch_without_use_cpu_is_refused(tmp_path, monkeypatch):
+    # What torchrun sets; without GPUs and --use_cpu, transformers would run each process on its own.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="add --use_cpu"):
+        run_main(monkeypatch, "--output_dir", str(tmp_path))
+
+
 def test_script_defaults_never_override_user_flags():
     _, _, args, applied = script.parse_arguments(["--output_dir", "x"])
     assert args.do_train and args.do_eval and not args.do_predict
