@@ -759,7 +759,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     uses_small_vit = model_args.model_name_or_path is None and model_args.model_type is None and (
         model_args.config_name is None
     )
-    uses_digits = data_args.dataset_name is None and data_args.train_dir is None and data_args.validation_dir is None
+    uses_digits = all(
+        path is None
+        for path in (data_args.dataset_name, data_args.train_dir, data_args.validation_dir, data_args.test_dir)
+    )
     if data_args.dataset_name is not None and (data_args.train_dir or data_args.validation_dir or data_args.test_dir):
         raise ValueError("--dataset_name cannot be combined with --train_dir/--validation_dir/--test_dir")
     if data_args.validation_dir is not None and data_args.train_dir is None and training_args.do_train:
@@ -769,8 +772,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
     if data_args.test_dir is not None and not training_args.do_predict:
         raise ValueError(f"--test_dir={data_args.test_dir!r} is only used by --do_predict; add --do_predict")
-    if uses_digits and data_args.test_dir is not None:
-        raise ValueError("--test_dir needs --train_dir or --validation_dir (the digits default has its own split)")
     if model_args.config_overrides is not None and (model_args.model_name_or_path or model_args.config_name):
         raise ValueError(
             "--config_overrides only applies to a model trained from scratch; it cannot be combined with "
@@ -840,7 +841,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         dataset_label = "sklearn-digits"
     else:
         raw = load_image_folders(data_args.train_dir, data_args.validation_dir, data_args.test_dir)
-        dataset_label = os.path.basename(os.path.normpath(data_args.train_dir or data_args.validation_dir))
+        dataset_label = os.path.basename(
+            os.path.normpath(data_args.train_dir or data_args.validation_dir or data_args.test_dir)
+        )
     raw = DatasetDict(raw)
     for alias in ("val", "valid"):
         if "validation" not in raw and alias in raw:
@@ -902,10 +905,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         config_source = model_args.config_name or model_args.model_name_or_path
         with hub_load_errors(config_source, "--config_name" if model_args.config_name else "--model_name_or_path",
                              local_model_hint):
-            config = AutoConfig.from_pretrained(
-                config_source, num_labels=num_labels, label2id=label2id, id2label=id2label,
-                finetuning_task="image-classification", **hub_kwargs,
-            )
+            config = AutoConfig.from_pretrained(config_source, **hub_kwargs)
+        if training_args.do_train:
+            # A new label set for fine-tuning (the head is re-initialized when its size changes, with
+            # --ignore_mismatched_sizes).
+            config.num_labels = num_labels
+            config.label2id = label2id
+            config.id2label = id2label
+            config.finetuning_task = "image-classification"
+        else:
+            # Evaluating or predicting only: the checkpoint's head must already predict these classes,
+            # in this order; relabelling it would silently score the wrong classes.
+            checkpoint_classes = [config.id2label[i] for i in range(config.num_labels)]
+            if checkpoint_classes != class_names:
+                raise ValueError(
+                    f"The classes of the data {class_names} differ from those the checkpoint predicts "
+                    f"({checkpoint_classes}); evaluate with the data the model was trained on, or add --do_train"
+                )
         model_type = config.model_type
     else:
         model_type = model_args.model_type or "vit"

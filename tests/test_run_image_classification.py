@@ -169,6 +169,23 @@ def test_fine_tune_from_local_checkpoint_folder(folder_run, image_data, tmp_path
     assert f"fine-tuned version of [{checkpoint_dir}]" in card
 
 
+def test_predict_only_on_a_test_folder_with_a_trained_model(folder_run, image_data, tmp_path, monkeypatch):
+    checkpoint_dir, folder_results = folder_run
+    results = run_main(
+        monkeypatch, "--output_dir", str(tmp_path), "--model_name_or_path", str(checkpoint_dir),
+        "--test_dir", str(image_data["validation_zip"]), "--do_predict", "--disable_tqdm", "true",
+    )
+    assert results["predict_nll"] == pytest.approx(folder_results["predict_nll"], rel=1e-6)
+    assert results["predict_samples"] == 15 and "train_samples" not in results
+
+
+def test_eval_only_refuses_a_checkpoint_with_other_classes(folder_run, tmp_path, monkeypatch):
+    checkpoint_dir, _ = folder_run
+    # The digits (classes "0".."9") against a head trained on blue/green/red.
+    with pytest.raises(ValueError, match=r"differ from those the checkpoint predicts \(\['blue', 'green', 'red'\]\)"):
+        run_main(monkeypatch, "--output_dir", str(tmp_path), "--model_name_or_path", str(checkpoint_dir), "--do_eval")
+
+
 def test_zipped_folders_give_the_same_run(folder_run, image_data, tmp_path, monkeypatch):
     _, folder_results = folder_run
     results = run_main(
