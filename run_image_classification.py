@@ -401,29 +401,35 @@ def _typed_default(parser: argparse.ArgumentParser, dest: str, value: str) -> An
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _image_label_pairs_from_folder(root: str) -> list[tuple[str, bytes | None, str]]:
-    """(path, bytes or None, class name) for every image of a <class>/<image> folder or zip."""
-    pairs: list[tuple[str, bytes | None, str]] = []
+def _image_label_pairs_from_folder(root: str, flag: str) -> list[tuple[str, bytes | None, str]]:
+    """(path, bytes or None, class name) for every image of a folder or zip laid out as
+    ``<class>/<image>`` or ``<split>/<class>/<image>`` (one split folder only)."""
+    found: list[tuple[list[str], str, bytes | None]] = []  # (relative path parts, path, bytes)
     if zipfile.is_zipfile(root):
         with zipfile.ZipFile(root) as archive:
             for name in sorted(archive.namelist()):
-                if name.endswith("/") or not name.lower().endswith(IMAGE_EXTENSIONS):
-                    continue
                 parts = name.split("/")
-                if len(parts) < 2 or parts[0].startswith("__MACOSX"):
-                    # An image at the top of the zip has no class folder; macOS resource forks are not images.
+                # Skip folder entries, non-images and macOS resource forks.
+                if name.endswith("/") or not name.lower().endswith(IMAGE_EXTENSIONS) or parts[0] == "__MACOSX":
                     continue
-                pairs.append((f"{root}::{name}", archive.read(name), parts[-2]))
+                found.append((parts, f"{root}::{name}", archive.read(name)))
     else:
         for directory, subdirectories, files in os.walk(root):
             subdirectories.sort()
-            if os.path.samefile(directory, root):
-                continue  # images at the top level have no class folder
             for file_name in sorted(files):
                 if file_name.lower().endswith(IMAGE_EXTENSIONS):
                     path = os.path.join(directory, file_name)
-                    pairs.append((path, None, os.path.basename(directory)))
-    return pairs
+                    found.append((os.path.relpath(path, root).split(os.sep), path, None))
+    depths = {len(parts) for parts, _, _ in found}
+    tops = {parts[0] for parts, _, _ in found}
+    # A label is the image's folder name; images at other depths, or several split folders, would mix
+    # splits or take a split's name for a class, so such layouts are refused rather than guessed.
+    if depths and not (depths == {2} or (depths == {3} and len(tops) == 1)):
+        raise ValueError(
+            f"{flag}={root!r}: expected images at <class>/<image> or <split>/<class>/<image> (one split); "
+            f"found images at depths {sorted(depths)} under top-level entries {sorted(tops)[:5]}"
+        )
+    return [(path, data, parts[-2]) for parts, path, data in found]
 
 
 def load_image_folders(
@@ -444,7 +450,7 @@ def load_image_folders(
             raise ValueError(f"{flag}={path!r}: no such folder or zip file")
         if not (os.path.isdir(path) or zipfile.is_zipfile(path)):
             raise ValueError(f"{flag}={path!r} is neither a folder nor a zip file")
-        pairs = _image_label_pairs_from_folder(path)
+        pairs = _image_label_pairs_from_folder(path, flag)
         if not pairs:
             raise ValueError(
                 f"{flag}={path!r} holds no images in class folders; expected <class>/<image> "
@@ -452,13 +458,14 @@ def load_image_folders(
             )
         pairs_by_split[split] = pairs
     class_names = sorted({label for pairs in pairs_by_split.values() for _, _, label in pairs})
+    label_ids = {name: i for i, name in enumerate(class_names)}
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=class_names)})
     return DatasetDict(
         {
             split: Dataset.from_dict(
                 {
                     "image": [{"path": path, "bytes": data} for path, data, _ in pairs],
-                    "label": [class_names.index(label) for _, _, label in pairs],
+                    "label": [label_ids[label] for _, _, label in pairs],
                 },
                 features=features,
             )

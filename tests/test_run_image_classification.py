@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -350,6 +351,21 @@ def test_multi_process_launch_without_use_cpu_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="add --use_cpu"):
         run_main(monkeypatch, "--output_dir", str(tmp_path))
+
+
+def test_folder_layouts(image_data, tmp_path):
+    # <split>/<class>/<image> works for folders too (one split folder).
+    nested = tmp_path / "nested"
+    shutil.copytree(image_data["train"], nested / "train")
+    dataset = script.load_image_folders(str(nested), None, None)
+    assert len(dataset["train"]) == 36 and dataset["train"].features["label"].names == ["blue", "green", "red"]
+    # Two split folders (or images at mixed depths) would mix splits and is refused.
+    shutil.copytree(image_data["validation"], nested / "validation")
+    with pytest.raises(ValueError, match=r"--train_dir=.*one split.*\['train', 'validation'\]"):
+        script.load_image_folders(str(nested), None, None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="--validation_dir=.* holds no images in class folders"):
+        script.load_image_folders(None, str(tmp_path / "empty"), None)
 
 
 def test_script_defaults_never_override_user_flags():
