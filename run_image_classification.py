@@ -480,6 +480,7 @@ def load_digits_dataset() -> DatasetDict:
     Stratified 80/20 split with the fixed seed DIGITS_SPLIT_SEED. The 17 gray levels (0..16) are scaled
     to 0..255 so that the usual 8-bit image processors apply unchanged.
     """
+    # Imported here: only this default needs scikit-learn, and importing it costs about a second.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -505,7 +506,7 @@ def load_digits_dataset() -> DatasetDict:
 
 
 def _find_columns(dataset: Dataset, data_args: DataTrainingArguments) -> tuple[str, str | None]:
-    """The image and label columns of a Hub dataset (explicit names win; else detected by type/name)."""
+    """The image and label columns (explicit names win; else detected by feature type and name)."""
     features = dataset.features
     image_column = data_args.image_column_name
     if image_column is None:
@@ -530,10 +531,11 @@ def _encode_labels(raw: DatasetDict, label_column: str) -> DatasetDict:
     ``DatasetDict.class_encode_column`` would encode each split on its own, so a class missing from one
     split would shift the ids of the others.
     """
-    values = sorted({value for split in raw.values() for value in split[label_column]})
+    labelled = {name: split for name, split in raw.items() if label_column in split.features}
+    values = sorted({value for split in labelled.values() for value in split[label_column]})
     ids = {value: i for i, value in enumerate(values)}
-    encoded = {}
-    for name, split in raw.items():
+    encoded = dict(raw)  # splits without labels (e.g. an unlabelled test split) pass through
+    for name, split in labelled.items():
         features = split.features.copy()
         features[label_column] = ClassLabel(names=[str(value) for value in values])
         encoded[name] = split.map(
