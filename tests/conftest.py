@@ -25,6 +25,15 @@ import torch  # noqa: E402
 # nothing from intra-op parallelism anyway).
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    # Scripts' and benchmarks' main() may set torch's global thread count; later tests must not inherit
+    # it (with 2 intra-op threads some CPU kernels are not bitwise reproducible, see the resume tests).
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
 VOCAB = 48
 PAD, EOS = 0, 1
 FIRST_TOKEN = 2
