@@ -117,11 +117,9 @@ from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPI
 from labo_hf import LABOTrainer, LABOTrainingArguments
 from labo_hf.metrics import classification_metrics
 from labo_hf.script_utils import (
-    LABO_MODEL_CARD_MARKER,
     check_hub_reachable_or_local,
     hub_load_errors,
     labo_model_card_kwargs,
-    labo_model_card_section,
     log_process_summary,
     resolve_checkpoint,
 )
@@ -659,64 +657,6 @@ def build_compute_metrics():
     return compute_metrics
 
 
-class ImageClassificationLABOTrainer(LABOTrainer):
-    """LABOTrainer whose model card also describes the label regularizer, and whose checkpoint reloading
-    applies transformers' weight-name conversions.
-
-    The card section is added in ``create_model_card`` because ``push_to_hub`` regenerates the card
-    through it: appending to README.md after the fact would be lost on the Hub.
-    """
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        # transformers 5 saves some models (ViT among them) under their original Hub weight names but
-        # Trainer._load_from_checkpoint feeds those names to load_state_dict unconverted: every encoder
-        # weight is reported "missing" and silently stays at its fresh initialization, so a resumed run
-        # diverges (huggingface/transformers#43701, #48805). Load through from_pretrained instead, which
-        # applies the conversion. `model` is only passed for DeepSpeed/FSDP/SageMaker, left to transformers.
-        if model is None and self._can_reload_with_from_pretrained(resume_from_checkpoint):
-            logger.info(f"Loading model weights from {resume_from_checkpoint} (with weight-name conversion).")
-            self._reload_weights(resume_from_checkpoint)
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _load_best_model(self) -> None:
-        # Same conversion issue as in _load_from_checkpoint, for --load_best_model_at_end.
-        best = self.state.best_model_checkpoint
-        if best is not None and self._can_reload_with_from_pretrained(best):
-            logger.info(f"Loading best model from {best} (score: {self.state.best_metric}).")
-            self._reload_weights(best)
-            return
-        super()._load_best_model()
-
-    def _can_reload_with_from_pretrained(self, folder: str) -> bool:
-        plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(self.model, "peft_config"))
-        return plain and os.path.isfile(os.path.join(folder, "config.json"))
-
-    def _reload_weights(self, folder: str) -> None:
-        reloaded = type(self.model).from_pretrained(folder, dtype=next(self.model.parameters()).dtype)
-        # strict: any name still unmatched is an error rather than a silently untrained weight. Copying
-        # into the existing parameters keeps them the ones the optimizer will own.
-        self.model.load_state_dict(reloaded.state_dict(), strict=True)
-
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        super().create_model_card(*args, **kwargs)
-        if not self.is_world_process_zero():
-            return
-        path = os.path.join(self.args.output_dir, "README.md")
-        with open(path, encoding="utf-8") as f:
-            card = f.read()
-        # A model built from a config has an empty _name_or_path, which transformers' card generator takes
-        # for a base model and renders as "a fine-tuned version of [](https://huggingface.co/)".
-        card = card.replace(
-            "This model is a fine-tuned version of [](https://huggingface.co/) on ",
-            "This model was trained from scratch on ",
-        )
-        if LABO_MODEL_CARD_MARKER not in card:
-            card += "\n" + labo_model_card_section(self.args)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(card)
-
-
 def _scratch_image_processor(model_type: str, config: Any) -> Any:
     """The model type's own image processor (PIL backend), resizing to the config's image size."""
     names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
@@ -991,7 +931,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     predict_dataset = wrap("test", augment=False) if training_args.do_predict else None
 
     # ---- 8. Trainer ----
-    trainer = ImageClassificationLABOTrainer(
+    trainer = LABOTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,

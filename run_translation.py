@@ -87,7 +87,6 @@ from labo_hf.script_utils import (
     labo_model_card_kwargs,
     log_process_summary,
     resolve_checkpoint,
-    write_labo_model_card,
 )
 
 logger = logging.getLogger(__name__)
@@ -163,7 +162,8 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Subword model of the trained tokenizer (from scratch without --tokenizer_name only). "
-            f"Defaults to {DEFAULT_TOKENIZER_MODEL} there.",
+            f"Defaults to {DEFAULT_TOKENIZER_MODEL} there. bpe training is reproducible; the tokenizers "
+            "library's unigram trainer gives a slightly different vocabulary on every run.",
             "choices": list(TOKENIZER_MODELS),
         },
     )
@@ -995,10 +995,6 @@ def main() -> None:
         local_data = [getattr(data_args, f"{split}_{kind}") for split in SPLITS for kind in ("file", "prefix")]
         names = ", ".join(os.path.basename(path) for path in local_data if path is not None)
         dataset_description = f"local {source_key}-{target_key} data ({names})"
-    if model_args.model_name_or_path is None:
-        # transformers infers "fine-tuned from" config._name_or_path, which is "" for a model built from a
-        # config, and would write "a fine-tuned version of []"; a local folder name means "trained from scratch".
-        model.config._name_or_path = training_args.output_dir
     card_kwargs = labo_model_card_kwargs(
         training_args,
         tasks="translation",
@@ -1011,7 +1007,7 @@ def main() -> None:
     if training_args.push_to_hub:
         trainer.push_to_hub(**card_kwargs)
     else:
-        write_labo_model_card(trainer, **card_kwargs)
+        trainer.create_model_card(**card_kwargs)
 
 
 if __name__ == "__main__":

@@ -13,20 +13,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from labo_hf.model_card import model_card_tags
+
 __all__ = [
-    "LABO_MODEL_CARD_MARKER",
     "check_hub_reachable_or_local",
     "hub_load_errors",
     "label_regularization_summary",
     "labo_model_card_kwargs",
-    "labo_model_card_section",
     "log_process_summary",
     "resolve_checkpoint",
-    "write_labo_model_card",
 ]
 
-# Heading of the section `write_labo_model_card` appends; also used to keep that call idempotent.
-LABO_MODEL_CARD_MARKER = "## Label regularization (LABO)"
 
 
 def _looks_like_local_path(name: str) -> bool:
@@ -176,15 +173,14 @@ def labo_model_card_kwargs(
 ) -> dict[str, Any]:
     """Keyword arguments for ``trainer.create_model_card(**kw)`` / ``trainer.push_to_hub(**kw)``.
 
-    The tags name the method and its hyperparameters (``labo``, ``label-regularizer-labo``,
-    ``label-regularizer-alpha-0.1``, ``labo-temperature-2.0``), so they reach the Hub's metadata even though
-    ``push_to_hub`` regenerates the card. Arguments left as None are omitted.
+    The tags name the method and its hyperparameters (`labo_hf.model_card.model_card_tags`; the LABO
+    trainers add the same tags and the LABO section to any card they write). Arguments left as None are
+    omitted.
     """
     summary = label_regularization_summary(training_args)
-    tags = ["labo", "label-regularization", f"label-regularizer-{summary['label_regularizer']}"]
-    tags.append(f"label-regularizer-alpha-{summary['label_regularizer_alpha']:g}")
-    if summary["labo_temperature"] is not None:
-        tags.append(f"labo-temperature-{summary['labo_temperature']:g}")
+    tags = model_card_tags(
+        summary["label_regularizer"], summary["label_regularizer_alpha"], summary["labo_temperature"]
+    )
     kwargs: dict[str, Any] = {"tasks": tasks, "tags": tags}
     optional = {
         "dataset": dataset,
@@ -195,42 +191,3 @@ def labo_model_card_kwargs(
     }
     kwargs.update({key: value for key, value in optional.items() if value is not None})
     return kwargs
-
-
-def labo_model_card_section(training_args: Any) -> str:
-    """Markdown section describing the label regularizer and its resolved hyperparameters."""
-    summary = label_regularization_summary(training_args)
-    descriptions = {
-        "labo": (
-            "LABO (optimal label smoothing, Lu et al., Findings of ACL 2023): the smoothing mass alpha is spread "
-            "over the non-target classes by a softmax of the model's own logits at temperature T."
-        ),
-        "label_smoothing": "conventional label smoothing (uniform over all classes), a LABO-project baseline.",
-        "cross_entropy": "plain cross-entropy (no label regularization), a LABO-project baseline.",
-    }
-    lines = [
-        LABO_MODEL_CARD_MARKER,
-        "",
-        f"Trained with labo-hf; loss: {descriptions.get(summary['label_regularizer'], summary['label_regularizer'])}",
-        "",
-        f"- label_regularizer: {summary['label_regularizer']}",
-        f"- label_regularizer_alpha: {summary['label_regularizer_alpha']}",
-    ]
-    if summary["labo_temperature"] is not None:
-        lines.append(f"- labo_temperature: {summary['labo_temperature']}")
-    return "\n".join(lines) + "\n"
-
-
-def write_labo_model_card(trainer: Any, **kwargs: Any) -> None:
-    """``trainer.create_model_card(**kwargs)`` followed by the LABO section (`labo_model_card_section`)
-    appended to ``OUTPUT_DIR/README.md``. Only the main process writes; appending twice is a no-op."""
-    trainer.create_model_card(**kwargs)
-    if not trainer.is_world_process_zero():
-        return
-    path = os.path.join(trainer.args.output_dir, "README.md")
-    with open(path, encoding="utf-8") as f:
-        card = f.read()
-    if LABO_MODEL_CARD_MARKER in card:
-        return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("\n" + labo_model_card_section(trainer.args))

@@ -28,8 +28,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
-    # Scripts' and benchmarks' main() may set torch's global thread count; later tests must not inherit
-    # it (with 2 intra-op threads some CPU kernels are not bitwise reproducible, see the resume tests).
+    # Scripts' and benchmarks' main() may set torch's global thread count; later tests must not inherit it.
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
