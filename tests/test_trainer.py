@@ -416,3 +416,23 @@ def test_package_exports_the_trainer_glue():
     assert labo_hf.LABOSeq2SeqTrainer is LABOSeq2SeqTrainer
     assert labo_hf.LABOTrainingArguments is LABOTrainingArguments
     assert labo_hf.LABOSeq2SeqTrainingArguments is LABOSeq2SeqTrainingArguments
+
+
+# ---- model card ----
+
+
+def test_model_card_names_the_regularizer_and_its_hyperparameters(tmp_path):
+    args = LABOTrainingArguments(**common_args(str(tmp_path)), label_regularizer_alpha=0.2, labo_temperature=1.5)
+    model = TASKS["vit"].make_model()
+    trainer = LABOTrainer(model=model, args=args, data_collator=collate)
+    trainer.create_model_card(tags=["my-tag"], dataset="toy")
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    for tag in ["my-tag", "labo", "label-regularizer-labo", "label-regularizer-alpha-0.2", "labo-temperature-1.5"]:
+        assert f"- {tag}\n" in card
+    assert "This model was trained from scratch on the toy dataset." in card
+    assert "## Label regularization (LABO)" in card
+    assert "- label_regularizer_alpha: 0.2\n- labo_temperature: 1.5\n" in card
+    assert model.config._name_or_path == ""  # only borrowed while the card was written
+    # push_to_hub regenerates the card through create_model_card: the section is written once.
+    trainer.create_model_card(dataset="toy")
+    assert (tmp_path / "README.md").read_text(encoding="utf-8").count("## Label regularization (LABO)") == 1
