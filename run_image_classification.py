@@ -94,7 +94,6 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 import transformers
@@ -118,9 +117,9 @@ from labo_hf import LABOTrainer, LABOTrainingArguments
 from labo_hf.metrics import classification_metrics
 from labo_hf.script_utils import (
     check_hub_reachable_or_local,
+    configure_logging,
     hub_load_errors,
     labo_model_card_kwargs,
-    log_process_summary,
     resolve_checkpoint,
 )
 
@@ -685,24 +684,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args, applied_defaults = parse_arguments(argv)
 
     # ---- 2. Logging ----
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    if training_args.should_log:
-        # The default of transformers.logging is warning; training_args.log_level defaults to passive.
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-    log_process_summary(logger, training_args)
+    configure_logging(logger, training_args)
     if applied_defaults:
         logger.info(f"Script defaults applied (flags you did not set): {applied_defaults}")
-    logger.info(f"Training/evaluation parameters {training_args}")
 
     # ---- 3. Validate the combination of arguments (before anything slow) ----
     uses_small_vit = model_args.model_name_or_path is None and model_args.model_type is None and (

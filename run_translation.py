@@ -63,7 +63,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import datasets
 import numpy as np
 import transformers
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset
@@ -83,9 +82,9 @@ from transformers import (
 from labo_hf import LABOSeq2SeqTrainer, LABOSeq2SeqTrainingArguments
 from labo_hf.script_utils import (
     check_hub_reachable_or_local,
+    configure_logging,
     hub_load_errors,
     labo_model_card_kwargs,
-    log_process_summary,
     resolve_checkpoint,
 )
 
@@ -683,22 +682,7 @@ def main() -> None:
     # ------------------------------------------------------------------------------------------------------
     # 2. Logging: replicas log warnings only, unless --log_level_replica says otherwise.
     # ------------------------------------------------------------------------------------------------------
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    if training_args.should_log:
-        # The default of log_level is passive (warning); training scripts are expected to report progress.
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-    log_process_summary(logger, training_args)
-    logger.info(f"Training/evaluation parameters {training_args}")
+    configure_logging(logger, training_args)
 
     # ------------------------------------------------------------------------------------------------------
     # 3. Consistency of the run: what each stage needs, checked before anything is loaded.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +21,7 @@ __all__ = [
     "hub_load_errors",
     "label_regularization_summary",
     "labo_model_card_kwargs",
+    "configure_logging",
     "log_process_summary",
     "resolve_checkpoint",
 ]
@@ -148,6 +150,31 @@ def log_process_summary(logger: logging.Logger, training_args: Any) -> None:
         f"distributed training: {training_args.parallel_mode.value == 'distributed'}, "
         f"fp16: {training_args.fp16}, bf16: {training_args.bf16}"
     )
+
+
+def configure_logging(logger: logging.Logger, training_args: Any) -> None:
+    """Stage "logging" of the example scripts: the main process logs at info level, replicas at
+    ``--log_level_replica`` (warning by default), for the script's logger, transformers and datasets; then
+    each process's rank and world size (`log_process_summary`) and the training arguments."""
+    import datasets
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        # The default of log_level is passive (warning); training scripts are expected to report progress.
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    log_process_summary(logger, training_args)
+    logger.info(f"Training/evaluation parameters {training_args}")
 
 
 def label_regularization_summary(training_args: Any) -> dict[str, Any]:
