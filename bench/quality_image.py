@@ -282,7 +282,8 @@ def write_report(args, records: list[dict], info: dict) -> Path:
                                            {"model": model, "regularizer": "labo", "alpha": alpha, "temperature": t},
                                            {"model": model, "regularizer": "label_smoothing", "alpha": alpha})
                     cells.append(fmt_stat(d, 3 if m == "nll" else 2) + f" (n={d['n']})" if d["n"] else "-")
-                drows.append([model, alpha, t, *cells])
+                if any(c != "-" for c in cells):  # skip sweep points this model did not run
+                    drows.append([model, alpha, t, *cells])
     lines += [md_table(["model", "alpha", "LABO T", "Δ top-1", "Δ NLL", "Δ ECE"], drows), ""]
     md = args.out_dir / f"quality_image_{args.tag}.md"
     md.write_text("\n".join(lines) + "\n")

@@ -290,7 +290,8 @@ def write_report(args, records: list[dict], info: dict) -> Path:
                                        {"regularizer": "labo", "alpha": alpha, "temperature": t},
                                        {"regularizer": "label_smoothing", "alpha": alpha})
                 cells.append(f"{fmt_stat(d, 3 if 'nll' in m else 2)} (n={d['n']})" if d["n"] else "-")
-            drows.append([alpha, t, *cells])
+            if any(c != "-" for c in cells):
+                drows.append([alpha, t, *cells])
     lines += [md_table(["alpha", "LABO T", *[f"Δ {SHORT[m]}" for m in metrics]], drows), ""]
     md = args.out_dir / f"quality_translation_{args.tag}.md"
     md.write_text("\n".join(lines) + "\n")
