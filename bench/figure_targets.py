@@ -9,7 +9,7 @@ Model: --model_dir (a model saved by run_translation.py); by default the first L
 bench/quality_translation.py kept under bench/results/cache/translation/, else a small model is
 trained here briefly through run_translation.py.
 
-    python bench/figure_targets.py                                  # -> bench/results/figure_targets.png
+    python bench/figure_targets.py --temperature 1 --out bench/results/figure_targets_T1.png
     python bench/figure_targets.py --sentence 3 --position 2 --temperature 1
 """
 

@@ -103,8 +103,8 @@ def plot_target_distributions(
 ):
     """Bar chart of the targets from `target_distributions` (like Fig. 1 of the LABO paper).
 
-    Two panels: all shown classes on a linear scale, and the non-target classes only, zoomed in,
-    because the smoothing mass (alpha spread over K classes for label smoothing) is invisible next
+    Two panels: all shown classes on a linear scale, and the non-target classes only on a log
+    scale, because the smoothing mass (alpha / K per class for label smoothing) is invisible next
     to the label's 1 - alpha. Returns the matplotlib Figure; saves it when ``path`` is given.
     """
     import matplotlib
@@ -125,7 +125,7 @@ def plot_target_distributions(
     width = 0.8 / len(series)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 2]})
     for ax, start, subtitle in ((axes[0], 0, "all shown classes"),
-                                (axes[1], 1, "non-target classes (zoom)")):
+                                (axes[1], 1, "non-target classes (log scale)")):
         xs = range(len(names) - start)
         for i, (label, key, color) in enumerate(series):
             vals = dist[key][start:]
@@ -134,6 +134,11 @@ def plot_target_distributions(
         ax.set_xticklabels(names[start:], rotation=45, ha="right")
         ax.set_title(subtitle)
         ax.set_ylabel("target probability")
+        if start == 1:
+            positive = [v for _, key, _ in series for v in dist[key][1:] if v > 0]
+            if positive:
+                ax.set_yscale("log")
+                ax.set_ylim(min(positive) / 3, 1.0)
     axes[1].legend(fontsize=8)
     rest = dist["rest"]
     fig.text(0.01, 0.01, f"mass on the other {dist['num_classes'] - len(names)} classes: "
