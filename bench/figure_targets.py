@@ -96,7 +96,10 @@ def main(argv=None):
              f"(position {position}, V={dist['num_classes']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot_target_distributions(dist, token_names=names, title=title, path=str(args.out))
-    meta = {"model_dir": str(model_dir), "sentence": args.sentence, "source": src, "reference": ref,
+    shown_dir = model_dir.resolve()
+    if shown_dir.is_relative_to(RESULTS_DIR.parent.parent):  # keep the committed JSON machine-independent
+        shown_dir = shown_dir.relative_to(RESULTS_DIR.parent.parent)
+    meta = {"model_dir": str(shown_dir), "sentence": args.sentence, "source": src, "reference": ref,
             "position": position, "tokens": names, **dist}
     args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     print(f"source: {src}\nreference: {ref}\nposition {position}, label {names[0]!r}")

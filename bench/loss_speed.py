@@ -45,11 +45,11 @@ from _common import (  # noqa: E402  (path set above so the bench runs from a ch
 
 # Peak memory bandwidth in GB/s by device-name substring; first match wins (more specific first).
 HBM_GBPS = {
+    "GH200": 4000,  # before "H200", which its name contains
     "H200": 4800,
     "H100 PCIe": 2000,
     "H100 NVL": 3900,
     "H100": 3350,
-    "GH200": 4000,
     "A100-SXM4-80GB": 2039,
     "A100 80GB PCIe": 1935,
     "A100": 1555,
