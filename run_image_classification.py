@@ -117,6 +117,7 @@ from labo_hf import LABOTrainer, LABOTrainingArguments
 from labo_hf.metrics import classification_metrics
 from labo_hf.script_utils import (
     check_hub_reachable_or_local,
+    check_launch_matches_world_size,
     configure_logging,
     hub_load_errors,
     labo_model_card_kwargs,
@@ -716,14 +717,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise ValueError("--ignore_mismatched_sizes only applies when loading --model_name_or_path")
     if model_args.model_type is not None and model_args.model_name_or_path is not None:
         raise ValueError("--model_type (train from scratch) cannot be combined with --model_name_or_path")
-    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched_processes > 1 and training_args.world_size != launched_processes:
-        # Without GPUs, accelerate only joins the processes of torchrun/accelerate launch into one job when
-        # told to use the CPU; otherwise each runs alone, all racing on the same --output_dir.
-        raise ValueError(
-            f"Launched as {launched_processes} processes (WORLD_SIZE) but set up as {training_args.world_size}: "
-            "on a machine without GPUs add --use_cpu to run them as one distributed job."
-        )
+    check_launch_matches_world_size(training_args)
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         raise ValueError("Nothing to do: pass at least one of --do_train, --do_eval, --do_predict")
     local_model_hint = (

@@ -82,6 +82,7 @@ from transformers import (
 from labo_hf import LABOSeq2SeqTrainer, LABOSeq2SeqTrainingArguments
 from labo_hf.script_utils import (
     check_hub_reachable_or_local,
+    check_launch_matches_world_size,
     configure_logging,
     hub_load_errors,
     labo_model_card_kwargs,
@@ -687,6 +688,7 @@ def main() -> None:
     # ------------------------------------------------------------------------------------------------------
     # 3. Consistency of the run: what each stage needs, checked before anything is loaded.
     # ------------------------------------------------------------------------------------------------------
+    check_launch_matches_world_size(training_args)
     if training_args.do_predict and not training_args.predict_with_generate:
         raise ValueError(
             "--do_predict writes generated translations and their BLEU/chrF; add --predict_with_generate."

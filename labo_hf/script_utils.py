@@ -18,6 +18,7 @@ from labo_hf.model_card import model_card_tags
 
 __all__ = [
     "check_hub_reachable_or_local",
+    "check_launch_matches_world_size",
     "hub_load_errors",
     "label_regularization_summary",
     "labo_model_card_kwargs",
@@ -150,6 +151,20 @@ def log_process_summary(logger: logging.Logger, training_args: Any) -> None:
         f"distributed training: {training_args.parallel_mode.value == 'distributed'}, "
         f"fp16: {training_args.fp16}, bf16: {training_args.bf16}"
     )
+
+
+def check_launch_matches_world_size(training_args: Any) -> None:
+    """Refuse a multi-process launch that did not become one distributed job.
+
+    Without GPUs, accelerate joins the processes started by torchrun or ``accelerate launch`` into one job
+    only when told to use the CPU; otherwise each runs alone, all racing on the same ``--output_dir``.
+    """
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched_processes > 1 and training_args.world_size != launched_processes:
+        raise ValueError(
+            f"Launched as {launched_processes} processes (WORLD_SIZE) but set up as {training_args.world_size}: "
+            "on a machine without GPUs add --use_cpu to run them as one distributed job."
+        )
 
 
 def configure_logging(logger: logging.Logger, training_args: Any) -> None:

@@ -348,6 +348,16 @@ def test_misaligned_parallel_files_name_both_files(toy_text: Path, tmp_path: Pat
         run_main(marian_args(toy_text, tmp_path / "out"))
 
 
+def test_multi_process_launch_without_use_cpu_is_refused(
+    toy_text: Path, tmp_path: Path, run_main, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What torchrun sets; on a machine without GPUs and without --use_cpu each process would run on its own.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = [a for a in marian_args(toy_text, tmp_path / "out") if a != "--use_cpu"]
+    with pytest.raises(ValueError, match="add --use_cpu"):
+        run_main(args)
+
+
 def test_unknown_source_language_in_json_lines(tmp_path: Path, run_main) -> None:
     write_jsonl(tmp_path / "train.jsonl", *toy_pairs(20, 0))
     args = ["--model_type", "marian", "--train_file", tmp_path / "train.jsonl", "--source_lang", "xx",
