@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize
 
+from labo_hf import losses
 from labo_hf.losses import (
     LossStats,
     label_regularized_loss,
@@ -177,11 +178,15 @@ def test_gradient_is_p_minus_q(regularizer):
     torch.testing.assert_close(grad.double(), expected, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_elements", [None, 3000])
 @pytest.mark.parametrize("regularizer", list(REGULARIZER_KWARGS))
 @pytest.mark.parametrize("num_classes", [2, 7, 1000, 70_000])
-def test_fused_path_equals_reference(regularizer, num_classes):
+def test_fused_path_equals_reference(regularizer, num_classes, chunk_elements, monkeypatch):
+    if chunk_elements is not None:
+        # Many chunks, the last one partial (one row per chunk for K = 70,000).
+        monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(num_classes)
-    n = 3 + 70_000 // num_classes  # several chunks for small K, a few rows for large K
+    n = 3 + 70_000 // num_classes
     logits = torch.randn(n, num_classes) * 4
     labels = torch.randint(0, num_classes, (n,))
     labels[::4] = -100
