@@ -50,7 +50,7 @@ from _common import (  # noqa: E402  (path set above so the bench runs from a ch
 
 PRESETS = {
     # 2 CPU cores shared with other jobs, ~45 min: a 2+2-layer d_model-128 Marian, BPE 3000, one epoch
-    # over Multi30k (453 steps of 64 pairs), greedy decoding, the out-of-domain sets cut to their first
+    # over Multi30k (454 steps of 64 pairs), greedy decoding, the out-of-domain sets cut to their first
     # 200 lines. Far from converged: it compares the regularizers early in training, which is all
     # this budget buys (see bench/results/README.md for the exact command used).
     "cpu": dict(
