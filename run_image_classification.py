@@ -122,6 +122,7 @@ from labo_hf.script_utils import (
     hub_load_errors,
     labo_model_card_kwargs,
     resolve_checkpoint,
+    shutdown_distributed,
 )
 
 logger = logging.getLogger(__name__)
@@ -977,3 +978,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()

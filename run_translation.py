@@ -87,6 +87,7 @@ from labo_hf.script_utils import (
     hub_load_errors,
     labo_model_card_kwargs,
     resolve_checkpoint,
+    shutdown_distributed,
 )
 
 logger = logging.getLogger(__name__)
@@ -998,3 +999,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()

@@ -25,6 +25,7 @@ __all__ = [
     "configure_logging",
     "log_process_summary",
     "resolve_checkpoint",
+    "shutdown_distributed",
 ]
 
 
@@ -233,3 +234,17 @@ def labo_model_card_kwargs(
     }
     kwargs.update({key: value for key, value in optional.items() if value is not None})
     return kwargs
+
+
+def shutdown_distributed() -> None:
+    """End a torchrun / accelerate launch run cleanly: wait for every process, then destroy the process group.
+
+    Left to interpreter shutdown, a gloo process group can abort a process that has finished all its work
+    ("terminate called without an active exception", seen in the two-process CPU tests), which makes the
+    launcher report a failed run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -71,3 +71,6 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Left to interpreter shutdown, a gloo process group can abort a finished process.
+    if dist.is_initialized():
+        dist.destroy_process_group()
