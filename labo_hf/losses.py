@@ -168,12 +168,20 @@ def labo_target(logits: Tensor, labels: Tensor, *, temperature: float = DEFAULT_
     z = logits2d.detach().float()
     target = torch.zeros_like(z, dtype=torch.bool)
     target[kept, labels1d[kept]] = True
+    u, _ = _labo_smoothing(z, target, temperature)
+    # Ignored rows are defined as zero.
+    return torch.where(kept.unsqueeze(-1), u, 0.0).reshape(logits.shape)
+
+
+def _labo_smoothing(z: Tensor, target: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """u* and log u* for rows z (M, K) float32 whose label positions are True in target (M, K).
+
+    Rows with no finite non-target logit get u* = 0 (softmax would give 0/0 = NaN there).
+    """
     scaled = (z / temperature).masked_fill(target, -math.inf)
-    u = torch.softmax(scaled, dim=-1)
-    # Degenerate rows give 0/0 = NaN in softmax; ignored rows are defined as zero.
-    has_mass = torch.isfinite(scaled.amax(dim=-1)) & kept
-    u = torch.where(has_mass.unsqueeze(-1), u, torch.zeros((), dtype=u.dtype, device=u.device))
-    return u.reshape(logits.shape)
+    has_mass = torch.isfinite(scaled.amax(dim=-1, keepdim=True))
+    log_u = torch.log_softmax(scaled, dim=-1)
+    return torch.where(has_mass, log_u.exp(), 0.0), log_u
 
 
 def _exact_rows(
@@ -187,13 +195,10 @@ def _exact_rows(
     onehot = torch.zeros_like(x, dtype=torch.bool).scatter_(1, y.unsqueeze(1), True)
     nll = -logp.gather(1, y.unsqueeze(1)).squeeze(1)
     if regularizer == "labo":
-        scaled = (x / temperature).masked_fill(onehot, -math.inf)
-        has_mass = torch.isfinite(scaled.amax(dim=-1, keepdim=True))
-        log_u = torch.log_softmax(scaled, dim=-1)
-        u = torch.where(has_mass, log_u.exp(), 0.0)
+        u, log_u = _labo_smoothing(x, onehot, temperature)
         entropy = -torch.where(u > 0, u * log_u, 0.0).sum(-1)
         # With no finite non-target logit the smoothing mass returns to the label: q = e_y.
-        a = torch.where(has_mass, alpha, 0.0)
+        a = torch.where(u.sum(dim=-1, keepdim=True) > 0, alpha, 0.0)
         q = (1 - a) * onehot + a * u
     elif regularizer == "label_smoothing":
         num_classes = x.shape[-1]
