@@ -162,6 +162,11 @@ class _LABOTrainerMixin:
         shift_labels = inputs.pop("shift_labels", None)
         # `Trainer.prediction_step` asks liger-patched models to skip the logits, which our loss needs.
         inputs.pop("skip_logits", None)
+        if not model.training and not torch.is_grad_enabled():
+            # Evaluation (`prediction_step`): each batch's loss is the mean over this process's real rows, as with
+            # one process. The all-process count transformers passes here would include the repeated samples of
+            # the final batch, and would tie each process's value to the others' counts.
+            num_items_in_batch = None
         if labels.is_floating_point():
             raise ValueError(
                 "LABO needs integer class labels; got floating-point labels (regression or multi-label "
