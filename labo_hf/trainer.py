@@ -100,6 +100,7 @@ class _LABOTrainerMixin:
         self._labo_run_identity = self._labo_build_run_identity(run_identity)
         self._labo_staging_root: str | None = None  # set while a checkpoint is being written
         self._labo_results_started = False
+        self._labo_predicting = False  # inside `prediction_step`
 
         if self.compute_loss_func is not None:
             raise ValueError(
@@ -162,11 +163,6 @@ class _LABOTrainerMixin:
         shift_labels = inputs.pop("shift_labels", None)
         # `Trainer.prediction_step` asks liger-patched models to skip the logits, which our loss needs.
         inputs.pop("skip_logits", None)
-        if not model.training and not torch.is_grad_enabled():
-            # Evaluation (`prediction_step`): each batch's loss is the mean over this process's real rows, as with
-            # one process. The all-process count transformers passes here would include the repeated samples of
-            # the final batch, and would tie each process's value to the others' counts.
-            num_items_in_batch = None
         if labels.is_floating_point():
             raise ValueError(
                 "LABO needs integer class labels; got floating-point labels (regression or multi-label "
@@ -251,6 +247,11 @@ class _LABOTrainerMixin:
 
     def _labo_normalizer(self, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | int | None:
         """The loss denominator from the Trainer's ``num_items_in_batch``."""
+        if self._labo_predicting:
+            # Evaluation: each batch's loss is the mean over this process's real rows, as with one process. The
+            # all-process count `prediction_step` passes would include the repeated samples of the final batch
+            # and tie each process's value to the others' counts.
+            return None
         if torch.is_tensor(num_items_in_batch) and num_items_in_batch.dim() > 0:
             # DataParallel (n_gpu > 1): the Trainer repeats the count once per GPU because it expects each
             # replica to compute a loss. Here the replicas' logits are gathered and the loss is computed once
@@ -262,6 +263,8 @@ class _LABOTrainerMixin:
 
     def _labo_process_scale(self) -> int:
         """Factor undoing the gradient averaging over processes (see the module docstring)."""
+        if self._labo_predicting:
+            return 1  # no gradients to average; see `_labo_normalizer`
         if self.args.n_gpu > 1:
             # DataParallel: one loss on the gathered batch, nothing is averaged afterwards.
             return 1
@@ -503,6 +506,14 @@ class _LABOTrainerMixin:
         # strict: a name still unmatched is an error rather than a silently untrained weight. Copying into the
         # existing parameters keeps them the ones the optimizer owns.
         self.model.load_state_dict(reloaded.state_dict(), strict=True)
+
+    def prediction_step(self, *args: Any, **kwargs: Any) -> Any:
+        # Marks the losses computed inside as evaluation losses (see `_labo_normalizer`).
+        self._labo_predicting = True
+        try:
+            return super().prediction_step(*args, **kwargs)
+        finally:
+            self._labo_predicting = False
 
     def evaluation_loop(
         self,

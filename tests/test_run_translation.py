@@ -432,8 +432,11 @@ def test_help_lists_labo_flags(capsys: pytest.CaptureFixture, monkeypatch: pytes
 def test_resolve_checkpoint(tmp_path: Path) -> None:
     from labo_hf.script_utils import resolve_checkpoint
 
-    (tmp_path / "checkpoint-4").mkdir()
-    (tmp_path / "checkpoint-12").mkdir()
+    for name in ("checkpoint-4", "checkpoint-12"):  # complete as far as resuming needs: state and weights
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text("{}")
+        (tmp_path / name / "model.safetensors").write_bytes(b"")
+    (tmp_path / "checkpoint-16").mkdir()  # a save that never finished: skipped
     args = SimpleNamespace(resume_from_checkpoint=None, do_train=True, output_dir=str(tmp_path))
     assert resolve_checkpoint(args) == str(tmp_path / "checkpoint-12")  # the last one, by step
     assert resolve_checkpoint(SimpleNamespace(**{**vars(args), "do_train": False})) is None
@@ -442,6 +445,9 @@ def test_resolve_checkpoint(tmp_path: Path) -> None:
     missing = SimpleNamespace(**{**vars(args), "resume_from_checkpoint": str(tmp_path / "checkpoint-8")})
     with pytest.raises(ValueError, match="--resume_from_checkpoint=.*checkpoint-8.* is not a folder"):
         resolve_checkpoint(missing)
+    incomplete = SimpleNamespace(**{**vars(args), "resume_from_checkpoint": str(tmp_path / "checkpoint-16")})
+    with pytest.raises(ValueError, match="--resume_from_checkpoint=.*checkpoint-16.* not a complete checkpoint"):
+        resolve_checkpoint(incomplete)
 
 
 def test_check_hub_reachable_or_local(tmp_path: Path) -> None:
