@@ -4,8 +4,10 @@ Each script keeps its task: data loading, preprocessing, model building and metr
 here, in the order of the stages of the transformers example scripts:
 
 1. arguments: `ExampleModelArguments` and `ExampleDataArguments` (the fields both scripts have, validated in
-   ``__post_init__``), `parse_args` (flags, or one .json/.yaml file of them) and `HelpFormatter`;
-2. the run's start: `start_run` (logging, the launch check, the checkpoint to resume from, the seed);
+   ``__post_init__``), `argument` (one field with its help), `parse_args` (flags, or one .json/.yaml file of
+   them) and `HelpFormatter`;
+2. the run's start: `start_run` (logging, the launch check, the checkpoint to resume from, the seed), and
+   `load_hub_or_local` for every Hub id or local path the scripts load;
 3. the tail: `train_evaluate_predict` (train, save, evaluate, predict, model card or Hub upload).
 
 Script-side glue: the library (`labo_hf.trainer` and below) never imports this module.
