@@ -18,24 +18,27 @@ from labo_hf.losses import (
 
 if TYPE_CHECKING:
     from labo_hf.arguments import LABOSeq2SeqTrainingArguments, LABOTrainingArguments
-    from labo_hf.trainer import LABOSeq2SeqTrainer, LABOTrainer
+    from labo_hf.trainer import LabelRegularization, LABOSeq2SeqTrainer, LABOTrainer
 
 __all__ = [
     "LABOSeq2SeqTrainer",
     "LABOSeq2SeqTrainingArguments",
     "LABOTrainer",
     "LABOTrainingArguments",
+    "LabelRegularization",
     "LossStats",
     "label_regularized_loss",
     "label_regularized_loss_with_stats",
     "labo_target",
 ]
 
+# The one place the version is written: pyproject.toml reads it from here.
 __version__ = "0.1.0"
 
 _LAZY = {
     "LABOTrainer": "labo_hf.trainer",
     "LABOSeq2SeqTrainer": "labo_hf.trainer",
+    "LabelRegularization": "labo_hf.trainer",  # the type of `trainer.label_regularization`
     "LABOTrainingArguments": "labo_hf.arguments",
     "LABOSeq2SeqTrainingArguments": "labo_hf.arguments",
 }

@@ -1,8 +1,9 @@
 """Small helpers shared by the example scripts (``run_translation.py``, ``run_image_classification.py``).
 
 They cover what every LABO training script repeats: failing fast with a useful message when a Hub id
-cannot be reached, resolving the checkpoint to resume from, logging the process layout, and describing the
-label regularizer in the model card. Nothing here touches the loss; see `labo_hf.losses` for that.
+cannot be reached, resolving the checkpoint to resume from, logging the process layout, and ending a
+multi-process run cleanly. Nothing here touches the loss (`labo_hf.losses`) or the model card, which the
+trainers write (`labo_hf.trainer`); `labo_hf.examples` builds the scripts' stages on these helpers.
 """
 
 from __future__ import annotations
@@ -14,20 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from labo_hf.model_card import model_card_tags
-
 __all__ = [
     "check_hub_reachable_or_local",
     "check_launch_matches_world_size",
     "hub_load_errors",
-    "label_regularization_summary",
-    "labo_model_card_kwargs",
     "configure_logging",
     "log_process_summary",
     "resolve_checkpoint",
     "shutdown_distributed",
 ]
-
 
 
 def _looks_like_local_path(name: str) -> bool:
@@ -193,49 +189,6 @@ def configure_logging(logger: logging.Logger, training_args: Any) -> None:
     transformers.utils.logging.enable_explicit_format()
     log_process_summary(logger, training_args)
     logger.info(f"Training/evaluation parameters {training_args}")
-
-
-def label_regularization_summary(training_args: Any) -> dict[str, Any]:
-    """The regularizer and the hyperparameters actually used (defaults filled in), as a flat dict:
-    ``{"label_regularizer": ..., "label_regularizer_alpha": ..., "labo_temperature": ...}``
-    (``labo_temperature`` is None unless the regularizer is ``labo``)."""
-    return {
-        "label_regularizer": training_args.label_regularizer,
-        "label_regularizer_alpha": training_args.resolved_label_regularizer_alpha,
-        "labo_temperature": training_args.resolved_labo_temperature,
-    }
-
-
-def labo_model_card_kwargs(
-    training_args: Any,
-    tasks: str,
-    dataset: str | None = None,
-    *,
-    dataset_tags: str | None = None,
-    dataset_args: str | None = None,
-    finetuned_from: str | None = None,
-    language: str | list[str] | None = None,
-) -> dict[str, Any]:
-    """Keyword arguments for ``trainer.create_model_card(**kw)`` / ``trainer.push_to_hub(**kw)``.
-
-    The tags name the method and its hyperparameters (`labo_hf.model_card.model_card_tags`; the LABO
-    trainers add the same tags and the LABO section to any card they write). Arguments left as None are
-    omitted.
-    """
-    summary = label_regularization_summary(training_args)
-    tags = model_card_tags(
-        summary["label_regularizer"], summary["label_regularizer_alpha"], summary["labo_temperature"]
-    )
-    kwargs: dict[str, Any] = {"tasks": tasks, "tags": tags}
-    optional = {
-        "dataset": dataset,
-        "dataset_tags": dataset_tags,
-        "dataset_args": dataset_args,
-        "finetuned_from": finetuned_from,
-        "language": language,
-    }
-    kwargs.update({key: value for key, value in optional.items() if value is not None})
-    return kwargs
 
 
 def shutdown_distributed() -> None:

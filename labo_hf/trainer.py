@@ -26,6 +26,11 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, rotate_checkpoints
 from transformers.utils import logging
 
+from ._compat import (
+    checkpoint_needs_weight_conversion,
+    model_card_from_scratch_name,
+    reload_weights_with_conversion,
+)
 from .arguments import LabelRegularizationArgumentsMixin
 from .checkpoints import (
     STAGING_PREFIX,
@@ -34,7 +39,7 @@ from .checkpoints import (
     publish_checkpoint,
 )
 from .losses import LossStats, label_regularized_loss_with_stats, resolve_hyperparameters
-from .model_card import MODEL_CARD_MARKER, model_card_section, model_card_tags
+from .model_card import LABO_PAPER, MODEL_CARD_MARKER, TAG_NAMES, model_card_section, model_card_tags
 from .run_record import check_same_run, read_run_record, write_run_record
 
 logger = logging.get_logger(__name__)
@@ -313,25 +318,22 @@ class _LABOTrainerMixin:
 
     # ---- model card ----
 
+    # What every card of these trainers names, as trl's trainers do (`_tag_names`, `_paper`); the
+    # regularizer-specific tags and section come from `label_regularization`.
+    _tag_names = TAG_NAMES
+    _paper = LABO_PAPER
+
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """`Trainer.create_model_card` plus tags naming the label regularizer and its hyperparameters and a
-        section describing it. Done here rather than appended afterwards because ``push_to_hub``
-        regenerates the card through this method."""
+        """`Trainer.create_model_card` plus tags naming the label regularizer and its hyperparameters, and a
+        "Label regularization (LABO)" section with the paper's citation. Done here rather than appended
+        afterwards because ``push_to_hub`` regenerates the card through this method."""
         self._labo_check_arguments_unchanged()
         tags = kwargs.get("tags")
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        kwargs["tags"] = tags + [tag for tag in model_card_tags(*self._label_regularization) if tag not in tags]
-        config = getattr(self.model, "config", None)
-        from_scratch = kwargs.get("finetuned_from") is None and getattr(config, "_name_or_path", None) == ""
-        if from_scratch:
-            # transformers takes the empty name of a model built from a config for a base model and writes
-            # "a fine-tuned version of []"; a local folder name makes it write "trained from scratch".
-            config._name_or_path = self.args.output_dir
-        try:
+        ours = dict.fromkeys([*self._tag_names, *model_card_tags(*self._label_regularization)])
+        kwargs["tags"] = tags + [tag for tag in ours if tag not in tags]
+        with model_card_from_scratch_name(self.model, self.args.output_dir, kwargs.get("finetuned_from")):
             super().create_model_card(*args, **kwargs)
-        finally:
-            if from_scratch:
-                config._name_or_path = ""
         path = os.path.join(self.args.output_dir, "README.md")
         if not self.is_world_process_zero() or not os.path.isfile(path):
             return
@@ -339,7 +341,7 @@ class _LABOTrainerMixin:
             card = f.read()
         if MODEL_CARD_MARKER not in card:
             with open(path, "a", encoding="utf-8") as f:
-                f.write("\n" + model_card_section(*self._label_regularization))
+                f.write("\n" + model_card_section(*self._label_regularization, paper=self._paper))
 
     # ---- one run, one method: arguments read once, identity recorded and checked ----
 
@@ -465,47 +467,27 @@ class _LABOTrainerMixin:
         if self.args.push_to_hub:
             self._push_from_checkpoint(final)
 
-    # ---- checkpoint reloading ----
+    # ---- checkpoint reloading (transformers workarounds: labo_hf._compat) ----
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        # transformers 5 saves some models (ViT among them) under their original Hub weight names, but
-        # Trainer._load_from_checkpoint feeds those names to load_state_dict unconverted: every such weight is
-        # reported "missing" and silently keeps its fresh initialization, so a resumed run diverges
-        # (huggingface/transformers#43701, #48805). from_pretrained applies the conversion. `model` is only
-        # passed for DeepSpeed/FSDP/SageMaker, left to transformers.
-        if model is None and self._labo_can_reload(resume_from_checkpoint):
+        # `model` is only passed for DeepSpeed/FSDP/SageMaker, left to transformers.
+        if model is None and self._labo_needs_weight_conversion(resume_from_checkpoint):
             logger.info(f"Loading model weights from {resume_from_checkpoint} (with weight-name conversion).")
-            self._labo_reload_weights(resume_from_checkpoint)
+            reload_weights_with_conversion(self.model, resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
-        # Same conversion issue as in _load_from_checkpoint, for load_best_model_at_end.
         best = self.state.best_model_checkpoint
-        if best is not None and self._labo_can_reload(best):
+        if best is not None and self._labo_needs_weight_conversion(best):
             logger.info(f"Loading best model from {best} (score: {self.state.best_metric}).")
-            self._labo_reload_weights(best)
+            reload_weights_with_conversion(self.model, best)
             return
         super()._load_best_model()
 
-    def _labo_can_reload(self, folder: str) -> bool:
-        """Whether `folder` holds a plain checkpoint saved under other weight names than the model's own
-        (then from_pretrained must convert them); checkpoints whose names match take transformers' path."""
+    def _labo_needs_weight_conversion(self, folder: str) -> bool:
         plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(self.model, "peft_config"))
-        weights = os.path.join(folder, "model.safetensors")
-        if not (plain and os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(weights)):
-            return False
-        from safetensors import safe_open
-
-        with safe_open(weights, framework="pt") as f:
-            saved = set(f.keys())
-        return not saved <= set(self.model.state_dict())
-
-    def _labo_reload_weights(self, folder: str) -> None:
-        reloaded = type(self.model).from_pretrained(folder, dtype=next(self.model.parameters()).dtype)
-        # strict: a name still unmatched is an error rather than a silently untrained weight. Copying into the
-        # existing parameters keeps them the ones the optimizer owns.
-        self.model.load_state_dict(reloaded.state_dict(), strict=True)
+        return plain and checkpoint_needs_weight_conversion(self.model, folder)
 
     def prediction_step(self, *args: Any, **kwargs: Any) -> Any:
         # Marks the losses computed inside as evaluation losses (see `_labo_normalizer`).

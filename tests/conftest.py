@@ -8,6 +8,7 @@ test files that never build a model (the loss tests) do not pay for importing it
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Tests never reach the Hub: models are built from configs, datasets are generated in memory.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -32,6 +33,10 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+# Real data sets (Multi30k, CIFAR-10 zips) for the tests that need them: $LABO_DATA_DIR, else ../shared/data
+# next to the repository; the tests that need a missing one are skipped.
+DATA_DIR = Path(os.environ.get("LABO_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data")))
 
 VOCAB = 48
 PAD, EOS = 0, 1

@@ -4,15 +4,15 @@ result files. They check that the scripts run end to end and report, not the num
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import DATA_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-DATA = Path(os.environ.get("LABO_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+DATA = DATA_DIR
 sys.path.insert(0, str(BENCH))
 
 

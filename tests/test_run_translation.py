@@ -31,9 +31,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
+from conftest import DATA_DIR  # noqa: E402
+
 import run_translation  # noqa: E402
 
-MULTI30K = Path("/work/shared/data/multi30k")
+MULTI30K = DATA_DIR / "multi30k"
 
 WORDS = {
     "eins": "one", "zwei": "two", "drei": "three", "vier": "four", "fünf": "five", "rot": "red", "blau": "blue",
@@ -270,7 +272,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not MULTI30K.is_dir(), reason="needs /work/shared/data/multi30k")
+@pytest.mark.skipif(not MULTI30K.is_dir(), reason="needs Multi30k in $LABO_DATA_DIR or ../shared/data")
 def test_two_processes_torchrun_scores_each_example_once(tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (gloo) on real Multi30k .gz files: 13 test examples in batches of 4 per
     process leave 3 padding duplicates in the gathered predictions, which must not be scored or written."""
@@ -458,25 +460,6 @@ def test_check_hub_reachable_or_local(tmp_path: Path) -> None:
         check_hub_reachable_or_local("./no/such/folder", "--model_name_or_path", "Use X.")
     with pytest.raises(ValueError, match=r"--dataset_name='someone/unknown-data' .*offline.* Use Y\."):
         check_hub_reachable_or_local("someone/unknown-data", "--dataset_name", "Use Y.", repo_type="dataset")
-
-
-def test_labo_model_card_kwargs() -> None:
-    from labo_hf import LABOSeq2SeqTrainingArguments
-    from labo_hf.script_utils import labo_model_card_kwargs
-
-    args = LABOSeq2SeqTrainingArguments(output_dir="unused", use_cpu=True, labo_temperature=1.5)
-    kwargs = labo_model_card_kwargs(args, "translation", "wmt16 de-en", language=["de", "en"])
-    assert kwargs == {
-        "tasks": "translation",
-        "tags": ["labo", "label-regularization", "label-regularizer-labo", "label-regularizer-alpha-0.1",
-                 "labo-temperature-1.5"],  # fmt: skip
-        "dataset": "wmt16 de-en",
-        "language": ["de", "en"],
-    }
-    baseline = LABOSeq2SeqTrainingArguments(output_dir="unused", use_cpu=True, label_regularizer="cross_entropy")
-    assert labo_model_card_kwargs(baseline, "translation")["tags"] == [
-        "labo", "label-regularization", "label-regularizer-cross_entropy", "label-regularizer-alpha-0",
-    ]  # fmt: skip
 
 
 def test_dataset_name_as_local_folder_and_unreachable_hub_dataset(tmp_path: Path, run_main) -> None:

@@ -416,6 +416,9 @@ def test_package_exports_the_trainer_glue():
     assert labo_hf.LABOSeq2SeqTrainer is LABOSeq2SeqTrainer
     assert labo_hf.LABOTrainingArguments is LABOTrainingArguments
     assert labo_hf.LABOSeq2SeqTrainingArguments is LABOSeq2SeqTrainingArguments
+    # The type of the public `label_regularization` attribute is public too.
+    assert labo_hf.LabelRegularization is LabelRegularization
+    assert set(labo_hf.__all__) <= set(dir(labo_hf)) | set(labo_hf._LAZY)
 
 
 # ---- model card ----
@@ -432,6 +435,8 @@ def test_model_card_names_the_regularizer_and_its_hyperparameters(tmp_path):
     assert "This model was trained from scratch on the toy dataset." in card
     assert "## Label regularization (LABO)" in card
     assert "- label_regularizer_alpha: 0.2\n- labo_temperature: 1.5\n" in card
+    # The paper, trl-style: linked and cited in BibTeX.
+    assert "https://arxiv.org/abs/2305.04971" in card and "@inproceedings{lu2023labo," in card
     assert model.config._name_or_path == ""  # only borrowed while the card was written
     # push_to_hub regenerates the card through create_model_card: the section is written once.
     trainer.create_model_card(dataset="toy")
