@@ -91,7 +91,7 @@ def prepare_output_dir(
     elif entries and recorded is None:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise ValueError(
-            f"--output_dir={output_dir!r} is not empty ({len(entries)} entries: {shown}) and holds no labo-hf "
+            f"--output_dir={output_dir!r} is not empty ({len(entries)} {'entry' if len(entries) == 1 else 'entries'}: {shown}) and holds no labo-hf "
             f"run record ({RUN_RECORD_NAME}), so it is not a run of this script: writing into it would "
             f"overwrite or merge its files. {_ADVICE}"
         )
