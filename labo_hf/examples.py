@@ -251,7 +251,7 @@ def load_hub_or_local(
 _MODEL_IDENTITY_FIELDS = ("model_name_or_path", "model_type", "config_name", "config_overrides", "tokenizer_name",
                           "train_tokenizer_vocab_size", "train_tokenizer_model")
 _DATA_IDENTITY_FIELDS = ("dataset_name", "dataset_config_name", "train_dir", "train_file", "train_prefix",
-                         "max_train_samples", "source_lang", "target_lang")
+                         "max_train_samples", "train_val_split", "source_lang", "target_lang")
 _PATH_FIELDS = {"train_dir", "train_file", "train_prefix"}
 
 

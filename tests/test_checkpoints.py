@@ -15,7 +15,12 @@ from conftest import collate, common_args, image_examples, tiny_vit
 from safetensors.torch import load_file
 
 from labo_hf.arguments import LABOTrainingArguments
-from labo_hf.checkpoints import MANIFEST_NAME, check_checkpoint_complete, find_last_complete_checkpoint
+from labo_hf.checkpoints import (
+    MANIFEST_NAME,
+    check_checkpoint_complete,
+    find_last_complete_checkpoint,
+    publish_checkpoint,
+)
 from labo_hf.run_record import RUN_RECORD_NAME
 from labo_hf.trainer import LABOTrainer
 
@@ -118,3 +123,17 @@ def test_checkpoints_of_plain_transformers_still_resume(tmp_path):
     with pytest.raises(ValueError, match="model weights"):
         check_checkpoint_complete(str(tmp_path / "checkpoint-5"))
     assert find_last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-3")
+
+
+def test_publishing_over_an_existing_checkpoint_replaces_it_whole(tmp_path):
+    final = tmp_path / "checkpoint-2"
+    final.mkdir()
+    (final / "old-only.bin").write_bytes(b"old")
+    staged = tmp_path / ".tmp-checkpoint-2" / "checkpoint-2"
+    staged.mkdir(parents=True)
+    (staged / "trainer_state.json").write_text("{}")
+    (staged / "model.safetensors").write_bytes(b"weights")
+    publish_checkpoint(str(staged), str(final))
+    assert sorted(os.listdir(final)) == [MANIFEST_NAME, "model.safetensors", "trainer_state.json"]
+    assert sorted(os.listdir(tmp_path)) == [".tmp-checkpoint-2", "checkpoint-2"]  # the caller removes the root
+    assert check_checkpoint_complete(str(final)) is None
