@@ -9,7 +9,12 @@ Trainer's ``num_items_in_batch``: the kept positions of the whole accumulated ba
 processes when ``average_tokens_across_devices`` is on. DDP then averages gradients over processes, so
 the loss is multiplied by the number of processes (as `transformers.Trainer.compute_loss` does for models
 that take ``num_items_in_batch``); the optimizer step then sees ``global sum / global count`` whatever
-the split over micro-batches and processes.
+the split over micro-batches and processes. Evaluation losses are each batch's mean over the real samples
+of this process, so ``eval_loss`` counts each sample once with any number of processes.
+
+One run, one method. The trainers read the label regularization once, when built, and refuse later changes
+of ``args``; they write the run's identity (`labo_hf.run_record`) into every folder they save, resume only
+from complete checkpoints of the same run, and write checkpoints atomically (`labo_hf.checkpoints`).
 """
 
 from __future__ import annotations
@@ -419,6 +424,10 @@ class _LABOTrainerMixin:
         super().save_metrics(split, metrics, combined=combined)
 
     # ---- atomic checkpoints ----
+    # These overrides rely on how transformers 5.25.0's `Trainer._save_checkpoint` works (see
+    # https://github.com/huggingface/transformers/blob/v5.25.0/src/transformers/trainer.py): it takes its run
+    # folder from `_get_output_dir(trial)`, writes everything under ``run_dir/checkpoint-N``, then rotates and
+    # pushes. tests/test_checkpoints.py fails if that changes.
 
     def _get_output_dir(self, trial: Any) -> str:
         # While a checkpoint is being written, transformers' `_save_checkpoint` writes into the staging folder.

@@ -63,6 +63,8 @@ def main(out_dir: str) -> None:
             per_device_eval_batch_size=3, **conftest.LABEL_REGULARIZATION[REGULARIZER],
         )
         metrics = trainer.evaluate(conftest.uneven_batch_examples("marian")) if name == "bs8_ga1" else None
+        if name == "bs8_ga1":
+            trainer._save_checkpoint(trainer.model, trial=None)  # the atomic save, with both processes' files
         seen_by_process: list[object] = [None] * dist.get_world_size()
         dist.all_gather_object(seen_by_process, trainer.seen)
         if trainer.args.process_index == 0:

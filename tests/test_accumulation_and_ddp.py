@@ -153,3 +153,14 @@ def test_two_process_eval_loss_equals_one_process_eval_loss(two_process_run, tmp
     one = _ddp_worker.evaluate_vit(str(tmp_path))
     assert two["eval_nll"] == pytest.approx(one["eval_nll"], rel=1e-6)
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-6)
+
+
+def test_two_process_checkpoint_is_published_whole(two_process_run):
+    from labo_hf.checkpoints import MANIFEST_NAME, checkpoint_problems
+
+    out, _ = two_process_run
+    run_dir = out / "bs8_ga1"
+    assert sorted(path.name for path in run_dir.iterdir()) == ["checkpoint-1"]  # no staging folder left
+    manifest = json.loads((run_dir / "checkpoint-1" / MANIFEST_NAME).read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "trainer_state.json"} <= set(manifest)
+    assert checkpoint_problems(str(run_dir / "checkpoint-1")) == []
