@@ -72,3 +72,29 @@ def test_binned_calibration_matches_library_ece():
     assert got["ece"] == pytest.approx(expected_calibration_error(flat, y), abs=1e-6)
     assert got["nll"] == pytest.approx(negative_log_likelihood(flat, y), abs=1e-5)
     assert got["tokens"] == 3 * 35
+
+
+def test_late_runs_shed_lowest_priority_pairs(tmp_path):
+    import time
+
+    import efficacy_gpu
+
+    class FakeProc:
+        killed = False
+
+        def kill(self):
+            self.killed = True
+
+    alive, first_seen, now = {}, {}, time.time()
+    for alpha in (0.2, 0.3):
+        for reg, t in (("label_smoothing", None), ("labo", 2.0)):
+            spec = {"regularizer": reg, "alpha": alpha, "temperature": t, "seed": 0}
+            name = efficacy_gpu.run_name(spec)
+            spec["result_path"] = str(tmp_path / f"{name}.json")
+            (tmp_path / f"{name}.progress").write_text(json.dumps({"step": 10, "max_steps": 100}))
+            alive[name] = (spec, FakeProc())
+            first_seen[name] = (now - 20, 0)  # 0.5 steps/s: 180 s to go
+    assert efficacy_gpu._shed_if_late(alive, now + 200, first_seen) == []
+    msgs = efficacy_gpu._shed_if_late(alive, now + 90, first_seen)
+    killed = {name for name, (_, proc) in alive.items() if proc.killed}
+    assert killed == {"label_smoothing_a0.3_s0", "labo_a0.3_T2_s0"} and len(msgs) == 2
