@@ -30,7 +30,8 @@ def test_dry_run_writes_paired_results(task, needed, tmp_path):
     rows = _rows(tmp_path / f"efficacy_gpu_{task}_dryrun.jsonl")
     # The budget keeps whole LS/LABO pairs, highest-priority alpha first.
     assert {(r["regularizer"], r["alpha"]) for r in rows} == {("label_smoothing", 0.2), ("labo", 0.2)}
-    assert len(rows) % 2 == 0 and all(r["steps"] == 2 and not r["truncated"] for r in rows)
+    # On a loaded machine a run can reach the budget before its 2 steps: it must then say so.
+    assert len(rows) == 4 and all(r["steps"] == 2 or r["truncated"] for r in rows)
     key = "multi30k_test2016_bleu" if task == "translation" else "top1"
     assert all(r[key] is not None and r["train_seconds"] > 0 for r in rows)
     md = (tmp_path / f"efficacy_gpu_{task}_dryrun.md").read_text()
@@ -93,8 +94,8 @@ def test_late_runs_shed_lowest_priority_pairs(tmp_path):
             spec["result_path"] = str(tmp_path / f"{name}.json")
             (tmp_path / f"{name}.progress").write_text(json.dumps({"step": 10, "max_steps": 100}))
             alive[name] = (spec, FakeProc())
-            first_seen[name] = (now - 20, 0)  # 0.5 steps/s: 180 s to go
-    assert efficacy_gpu._shed_if_late(alive, now + 200, first_seen) == []
-    msgs = efficacy_gpu._shed_if_late(alive, now + 90, first_seen)
+            first_seen[name] = (now - 40, 0)  # 0.25 steps/s: 360 s to go
+    assert efficacy_gpu._shed_if_late(alive, now + 400, first_seen) == []
+    msgs = efficacy_gpu._shed_if_late(alive, now + 180, first_seen)
     killed = {name for name, (_, proc) in alive.items() if proc.killed}
     assert killed == {"label_smoothing_a0.3_s0", "labo_a0.3_T2_s0"} and len(msgs) == 2
