@@ -79,7 +79,7 @@ ESTIMATES = {
                         safety_s=20.0, grace_s=40.0),
     "image": dict(run_s=50.0, ref_concurrency=3, ref_epochs=20, eval_s=5.0, startup_s=20.0, prep_s=30.0,
                   safety_s=20.0, grace_s=40.0),
-    "dry_run": dict(run_s=2.0, ref_concurrency=2, ref_epochs=None, eval_s=1.0, startup_s=6.0, prep_s=3.0,
+    "dry_run": dict(run_s=2.0, ref_concurrency=2, ref_epochs=None, eval_s=1.0, startup_s=10.0, prep_s=3.0,
                     safety_s=2.0, grace_s=120.0),
 }
 
@@ -88,7 +88,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=list(TASKS), required=True)
     p.add_argument("--budget_s", type=float, default=None, help="wall-clock budget, preparation included "
-                   "(default 480; 30 with --dry_run)")
+                   "(default 480; 40 with --dry_run)")
     p.add_argument("--concurrency", type=int, default=0, help="runs at once (0: all planned; 2 with --dry_run)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.3, 0.1],
@@ -114,7 +114,7 @@ def parse_args(argv=None):
     if args.width is not None:
         args.model = {**args.model, "width": args.width}
     args.max_steps = DRY[args.task]["max_steps"] if args.dry_run else None
-    args.budget_s = args.budget_s or (30.0 if args.dry_run else 480.0)
+    args.budget_s = args.budget_s or (40.0 if args.dry_run else 480.0)
     args.concurrency = args.concurrency or (2 if args.dry_run else 0)
     args.tag = args.tag or ("dryrun" if args.dry_run else None)
     if args.data_dir is None:
@@ -338,6 +338,11 @@ def write_report(args, records: list[dict], notes: dict, info: dict, stem: str) 
              + (", ".join(run_name(c) for c in notes["cut"]) or "none") + ".", ""]
     for e in notes["events"]:
         lines.append(f"- {e}")
+    if records:
+        # What the next plan should assume: ESTIMATES[task]["run_s"] at this many runs at once.
+        med = sorted(r["train_seconds"] for r in records)[len(records) // 2]
+        lines.append(f"- measured: median training time {med:.0f} s per run, {notes['concurrency']} runs at once "
+                     f"(median scoring {sorted(r['eval_seconds'] for r in records)[len(records) // 2]:.0f} s)")
     trunc = [run_name(r) for r in records if r.get("truncated")]
     lines += [f"- truncated at the budget (left out below): {', '.join(trunc)}" if trunc else
               "- no run was truncated", ""]
