@@ -93,7 +93,7 @@ def test_quality_translation_and_figure_tiny(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["loss_speed", "step_overhead", "quality_translation", "quality_image",
-                                    "figure_targets"])
+                                    "figure_targets", "efficacy_gpu", "prepare_gpu_carry"])
 def test_bench_scripts_have_help(script, capsys):
     # Each bench must be runnable alone; --help must not need data, a GPU or a trained model.
     # In-process (parse_args) rather than a subprocess per script: five torch imports would cost ~15 s.
