@@ -105,6 +105,7 @@ from transformers import (
 
 from labo_hf import LABOTrainer, LABOTrainingArguments
 from labo_hf._compat import scratch_image_processor_class
+from labo_hf.data_checks import check_images
 from labo_hf.examples import (
     ExampleDataArguments,
     ExampleModelArguments,
@@ -218,6 +219,10 @@ class DataTrainingArguments(ExampleDataArguments):
     random_crop_padding: int | None = argument(
         "Random crop after zero-padding by this many pixels (at model input size) at training time. Default "
         "(unset): image_size // 8; 0 disables it."
+    )
+    skip_bad_images: bool = argument(
+        "Leave out, and count, images that cannot be decoded (corrupt, empty, truncated) instead of stopping with "
+        "an error naming them. Images are checked once per data set; the verdict is cached.", False
     )
 
     def __post_init__(self) -> None:
@@ -363,6 +368,7 @@ def load_data(
         raw["test"] = raw["validation"]
     wanted = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
     flags = {"train": "--do_train", "validation": "--do_eval", "test": "--do_predict"}
+    dirs = {"train": data_args.train_dir, "validation": data_args.validation_dir, "test": data_args.test_dir}
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
               "test": data_args.max_predict_samples}  # fmt: skip
     for split, needed in wanted.items():
@@ -370,6 +376,12 @@ def load_data(
             raise ValueError(f"{flags[split]} needs a {split} split; available: {list(raw)}")
         if split in raw and limits[split] is not None and limits[split] < len(raw[split]):
             raw[split] = raw[split].shuffle(seed=training_args.seed).select(range(limits[split]))
+        if needed:  # every image decoded once now, rather than a crash mid-epoch
+            source = data_args.dataset_name or dirs[split] or data_args.train_dir or "the digits data"
+            with training_args.main_process_first(desc=f"checking the {split} images"):
+                raw[split], _ = check_images(raw[split], image_column, where=f"The {split} images ({source})",
+                                             skip_bad_images=data_args.skip_bad_images, cache_dir=model_args.cache_dir,
+                                             logger=logger)  # fmt: skip
     return raw, dataset_label, image_column, label_column
 
 
@@ -498,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # 2. Logging, the launch check, the checkpoint to resume from, and the seed; then the Hub names, checked
     #    before anything slow.
-    checkpoint = start_run(logger, training_args, applied_defaults)
+    checkpoint, identity = start_run(logger, training_args, applied_defaults, model_args=model_args, data_args=data_args)
     for flag in ("model_name_or_path", "config_name", "image_processor_name"):
         if getattr(model_args, flag) is not None:
             check_hub_reachable_or_local(getattr(model_args, flag), f"--{flag}", LOCAL_MODEL_HINT,
@@ -540,6 +552,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         data_collator=collate_fn,
         compute_metrics=build_compute_metrics(),
         callbacks=[AugmentationEpochCallback(augmentation)],
+        run_identity=identity,
     )
 
     # 7. Training, evaluation, prediction (predict_results.txt) and the model card.

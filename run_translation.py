@@ -61,15 +61,10 @@ import numpy as np
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
 from sacrebleu.metrics import BLEU, CHRF
-from transformers import (
-    AutoConfig,
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
-    DataCollatorForSeq2Seq,
-    default_data_collator,
-)
+from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from labo_hf import LABOSeq2SeqTrainer, LABOSeq2SeqTrainingArguments
+from labo_hf.data_checks import drop_blank_text_pairs
 from labo_hf.examples import (
     ExampleDataArguments,
     ExampleModelArguments,
@@ -319,6 +314,10 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
                 f"--{split}_file or --{split}_prefix."
             )
     for split in splits:
+        # Blank pairs dropped (a file of blank lines would train "successfully"); test pairs only counted.
+        source = data_args.dataset_name or getattr(data_args, f"{split}_prefix") or getattr(data_args, f"{split}_file")
+        raw[split], _ = drop_blank_text_pairs(raw[split], source_key, target_key, where=f"The {split} data {source}",
+                                              drop=split != "test", logger=logger)  # fmt: skip
         limit = getattr(data_args, SAMPLE_LIMIT_FLAGS[split])
         if limit is not None:
             raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
@@ -530,7 +529,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # 2. Logging, the launch check, the checkpoint to resume from (--resume_from_checkpoint, else the last one
     #    in --output_dir), and the seed.
-    checkpoint = start_run(logger, training_args)
+    checkpoint, identity = start_run(logger, training_args, model_args=model_args, data_args=data_args)
 
     # 3. Data: Hub data set, json lines / csv / tsv files, or parallel text files.
     raw_datasets = load_raw_datasets(data_args, model_args, needed_splits(training_args))
@@ -542,7 +541,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # 5. Preprocessing: tokenized sources and targets, and the collator that pads them.
     tokenized = tokenize_datasets(raw_datasets, tokenizer, data_args, training_args)
     if data_args.pad_to_max_length:
-        data_collator = default_data_collator
+        data_collator = transformers.default_data_collator
     else:
         data_collator = DataCollatorForSeq2Seq(
             tokenizer,
@@ -571,6 +570,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         processing_class=tokenizer,
         data_collator=data_collator,
         compute_metrics=metrics_for("validation"),
+        run_identity=identity,
     )
 
     # 8. Training, evaluation, prediction (generated_predictions.txt) and the model card. The final

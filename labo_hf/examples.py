@@ -6,8 +6,9 @@ here, in the order of the stages of the transformers example scripts:
 1. arguments: `ExampleModelArguments` and `ExampleDataArguments` (the fields both scripts have, validated in
    ``__post_init__``), `argument` (one field with its help), `parse_args` (flags, or one .json/.yaml file of
    them) and `HelpFormatter`;
-2. the run's start: `start_run` (logging, the launch check, the checkpoint to resume from, the seed), and
-   `load_hub_or_local` for every Hub id or local path the scripts load;
+2. the run's start: `start_run` (logging, the launch check, the output folder's guard with the run's
+   identity from `run_identity`, the checkpoint to resume from, the seed), and `load_hub_or_local` for every
+   Hub id or local path the scripts load;
 3. the tail: `train_evaluate_predict` (train, save, evaluate, predict, model card or Hub upload).
 
 Script-side glue: the library (`labo_hf.trainer` and below) never imports this module.
@@ -26,6 +27,8 @@ from typing import Any
 
 from transformers import HfArgumentParser, set_seed
 
+from labo_hf.output_folder import prepare_output_dir
+from labo_hf.run_record import check_same_run, read_run_record
 from labo_hf.script_utils import (
     check_hub_reachable_or_local,
     check_launch_matches_world_size,
@@ -41,6 +44,7 @@ __all__ = [
     "argument",
     "load_hub_or_local",
     "parse_args",
+    "run_identity",
     "start_run",
     "train_evaluate_predict",
 ]
@@ -120,7 +124,8 @@ class ExampleModelArguments:
 
 @dataclass
 class ExampleDataArguments:
-    """The data fields both scripts share: a Hub data set and how many examples of each split to keep."""
+    """The data fields both scripts share: a Hub data set and how many examples of each split to keep; and
+    --overwrite_output_dir, the output-folder flag transformers 5's TrainingArguments no longer has."""
 
     dataset_name: str | None = field(
         default=None, metadata={"help": "Data set on the Hub (or a local data set folder), via datasets."}
@@ -131,6 +136,14 @@ class ExampleDataArguments:
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only N validation examples."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only N test examples."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Delete the contents of --output_dir and start a new run there. Without it, a non-empty "
+            "--output_dir must hold this same run (same regularizer, alpha, T, model and training data), which "
+            "resumes from its newest complete checkpoint; any other non-empty folder is refused."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dataset_config_name is not None and self.dataset_name is None:
@@ -233,22 +246,75 @@ def load_hub_or_local(
         return load(source, **kwargs)
 
 
-def start_run(
-    script_logger: logging.Logger, training_args: Any, applied_defaults: dict[str, str] | None = None
-) -> str | None:
-    """Logging, the multi-process launch check, the checkpoint to resume from, and the seed.
+# What identifies a training run besides its label regularization: the fields, of either script, that
+# change the model it starts from or the data it trains on (absent fields are skipped).
+_MODEL_IDENTITY_FIELDS = ("model_name_or_path", "model_type", "config_name", "config_overrides", "tokenizer_name",
+                          "train_tokenizer_vocab_size", "train_tokenizer_model")
+_DATA_IDENTITY_FIELDS = ("dataset_name", "dataset_config_name", "train_dir", "train_file", "train_prefix",
+                         "max_train_samples", "train_val_split", "source_lang", "target_lang")
+_PATH_FIELDS = {"train_dir", "train_file", "train_prefix"}
 
-    Returns the checkpoint for ``trainer.train(resume_from_checkpoint=...)``: --resume_from_checkpoint, else
-    the last one in --output_dir when training, else None.
+
+def _describe(arguments: Any, fields: Sequence[str]) -> str:
+    parts = []
+    for name in fields:
+        value = getattr(arguments, name, None)
+        if value is None:
+            continue
+        if name in _PATH_FIELDS or (isinstance(value, str) and os.path.exists(value)):
+            value = os.path.abspath(value)  # the same data named from another working directory
+        parts.append(f"{name}={value}")
+    return ", ".join(parts)
+
+
+def run_identity(model_args: Any, data_args: Any, training_args: Any) -> dict[str, Any]:
+    """The run's identity (`labo_hf.run_record`): its label regularization, defaults filled in, and, when it
+    trains, the model it starts from and its training data. An evaluation-only run changes no model, so only
+    the loss its eval_loss uses identifies it."""
+    identity: dict[str, Any] = {
+        "label_regularizer": training_args.label_regularizer,
+        "label_regularizer_alpha": training_args.resolved_label_regularizer_alpha,
+        "labo_temperature": training_args.resolved_labo_temperature,
+    }
+    if training_args.do_train:
+        identity["model"] = _describe(model_args, _MODEL_IDENTITY_FIELDS) or "the script's default model"
+        identity["data"] = _describe(data_args, _DATA_IDENTITY_FIELDS) or "the script's default data"
+    return identity
+
+
+def start_run(
+    script_logger: logging.Logger,
+    training_args: Any,
+    applied_defaults: dict[str, str] | None = None,
+    *,
+    model_args: Any,
+    data_args: Any,
+) -> tuple[str | None, dict[str, Any]]:
+    """Logging, the multi-process launch check, the output folder, the checkpoint to resume from, and the seed.
+
+    --output_dir must be new, empty, or hold this same run (`labo_hf.output_folder.prepare_output_dir`;
+    --overwrite_output_dir empties it). Returns the checkpoint for ``trainer.train(resume_from_checkpoint=...)``
+    (--resume_from_checkpoint, else the newest complete one in --output_dir when training, else None) and the
+    run's identity, for the trainer's ``run_identity``.
     """
     configure_logging(script_logger, training_args)
     if applied_defaults:
         script_logger.info(f"Script defaults applied (flags you did not set): {applied_defaults}")
     check_launch_matches_world_size(training_args)
+    identity = run_identity(model_args, data_args, training_args)
+    # The process that saves for this filesystem empties and claims the folder before the others look at it.
+    with training_args.main_process_first(local=training_args.save_on_each_node, desc="checking --output_dir"):
+        prepare_output_dir(training_args.output_dir, identity, overwrite=data_args.overwrite_output_dir,
+                           is_main_process=training_args.should_save, logger=script_logger)  # fmt: skip
     checkpoint = resolve_checkpoint(training_args, script_logger)
+    if checkpoint is not None:
+        check_same_run(
+            read_run_record(checkpoint), identity, f"--resume_from_checkpoint={checkpoint!r}",
+            "Resume from a checkpoint of this run; to start from its weights alone, pass it as --model_name_or_path.",
+        )  # fmt: skip
     # Seeded before any model is created, so that a from-scratch initialization is reproducible.
     set_seed(training_args.seed)
-    return checkpoint
+    return checkpoint, identity
 
 
 def train_evaluate_predict(

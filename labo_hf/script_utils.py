@@ -111,12 +111,13 @@ def hub_load_errors(name: str, flag: str, local_alternative: str) -> Iterator[No
 def resolve_checkpoint(training_args: Any, logger: logging.Logger | None = None) -> str | None:
     """Return the checkpoint folder that ``trainer.train(resume_from_checkpoint=...)`` should use, or None.
 
-    ``--resume_from_checkpoint PATH`` wins and must be an existing folder (``ValueError`` naming the flag
-    otherwise). Without it, and with ``--do_train``, the last ``checkpoint-*`` folder in ``--output_dir`` is
-    resumed from, as the transformers example scripts do (logged, since it changes what training does);
-    choose another ``--output_dir`` to start over.
+    ``--resume_from_checkpoint PATH`` wins and must be a complete checkpoint folder (``ValueError`` naming the
+    flag, and the missing files, otherwise). Without it, and with ``--do_train``, the newest complete
+    ``checkpoint-*`` folder in ``--output_dir`` is resumed from, as the transformers example scripts do
+    (logged, since it changes what training does); incomplete ones, left by a run killed while saving, are
+    skipped with a warning naming them (`labo_hf.checkpoints`).
     """
-    from transformers.trainer_utils import get_last_checkpoint
+    from labo_hf.checkpoints import check_checkpoint_complete, find_last_complete_checkpoint
 
     if training_args.resume_from_checkpoint is not None:
         if not os.path.isdir(training_args.resume_from_checkpoint):
@@ -124,10 +125,11 @@ def resolve_checkpoint(training_args: Any, logger: logging.Logger | None = None)
                 f"--resume_from_checkpoint={training_args.resume_from_checkpoint!r} is not a folder. Pass a "
                 "checkpoint folder written by a previous run (e.g. OUTPUT_DIR/checkpoint-500)."
             )
+        check_checkpoint_complete(training_args.resume_from_checkpoint)
         return training_args.resume_from_checkpoint
     if not training_args.do_train or not os.path.isdir(training_args.output_dir):
         return None
-    last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    last_checkpoint = find_last_complete_checkpoint(training_args.output_dir, logger)
     if last_checkpoint is not None and logger is not None:
         logger.info(
             f"Checkpoint detected, resuming training at {last_checkpoint}. To train from scratch instead, "

@@ -9,12 +9,18 @@ Trainer's ``num_items_in_batch``: the kept positions of the whole accumulated ba
 processes when ``average_tokens_across_devices`` is on. DDP then averages gradients over processes, so
 the loss is multiplied by the number of processes (as `transformers.Trainer.compute_loss` does for models
 that take ``num_items_in_batch``); the optimizer step then sees ``global sum / global count`` whatever
-the split over micro-batches and processes.
+the split over micro-batches and processes. Evaluation losses are each batch's mean over the real samples
+of this process, so ``eval_loss`` counts each sample once with any number of processes.
+
+One run, one method. The trainers read the label regularization once, when built, and refuse later changes
+of ``args``; they write the run's identity (`labo_hf.run_record`) into every folder they save, resume only
+from complete checkpoints of the same run, and write checkpoints atomically (`labo_hf.checkpoints`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -22,7 +28,7 @@ import torch
 from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.trainer_utils import EvalLoopOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, rotate_checkpoints
 from transformers.utils import logging
 
 from ._compat import (
@@ -31,14 +37,25 @@ from ._compat import (
     reload_weights_with_conversion,
 )
 from .arguments import LabelRegularizationArgumentsMixin
+from .checkpoints import (
+    STAGING_PREFIX,
+    check_checkpoint_complete,
+    find_last_complete_checkpoint,
+    publish_checkpoint,
+)
 from .losses import LossStats, label_regularized_loss_with_stats, resolve_hyperparameters
 from .model_card import LABO_PAPER, MODEL_CARD_MARKER, TAG_NAMES, model_card_section, model_card_tags
+from .run_record import check_same_run, read_run_record, write_run_record
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["LABOSeq2SeqTrainer", "LABOTrainer", "LabelRegularization"]
 
 _IGNORE_INDEX = -100  # transformers' convention; `Trainer._get_num_items_in_batch` counts `labels != -100`
+_TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
+# Argument fields the trainer reads once, when it is built (the last one belongs to plain TrainingArguments).
+_LABEL_REGULARIZATION_FIELDS = ("label_regularizer", "label_regularizer_alpha", "labo_temperature",
+                                "label_smoothing_factor")
 
 
 class LabelRegularization(NamedTuple):
@@ -62,7 +79,7 @@ def _is_causal_lm(model: nn.Module) -> bool:
 class _LABOTrainerMixin:
     """Shared glue of `LABOTrainer` and `LABOSeq2SeqTrainer` (must precede the Trainer class in the bases)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, run_identity: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         training_args = self.args
         if isinstance(training_args, LabelRegularizationArgumentsMixin):
@@ -89,6 +106,11 @@ class _LABOTrainerMixin:
             resolved_alpha, resolved_temperature = resolve_hyperparameters(regularizer, alpha, temperature)
         self._labo_loss_kwargs = {"regularizer": regularizer, "alpha": alpha, "temperature": temperature}
         self._label_regularization = LabelRegularization(regularizer, resolved_alpha, resolved_temperature)
+        self._labo_arguments_at_init = self._labo_argument_values()
+        self._labo_run_identity = self._labo_build_run_identity(run_identity)
+        self._labo_staging_root: str | None = None  # set while a checkpoint is being written
+        self._labo_results_started = False
+        self._labo_predicting = False  # inside `prediction_step`
 
         if self.compute_loss_func is not None:
             raise ValueError(
@@ -121,6 +143,12 @@ class _LABOTrainerMixin:
     def label_regularization(self) -> LabelRegularization:
         """The regularizer, alpha and temperature this trainer uses, defaults filled in."""
         return self._label_regularization
+
+    @property
+    def run_identity(self) -> dict[str, Any]:
+        """What identifies this training run (see `labo_hf.run_record`): the label regularization, defaults
+        filled in, plus the ``run_identity`` entries given to the constructor (e.g. model and data)."""
+        return dict(self._labo_run_identity)
 
     # ---- loss ----
 
@@ -182,20 +210,20 @@ class _LABOTrainerMixin:
         self, logits: torch.Tensor, targets: torch.Tensor, normalizer: torch.Tensor | int | None, split: str
     ) -> torch.Tensor:
         """The label-regularized loss; records its statistics under `split` ("train" or "eval")."""
+        if split == "eval":
+            real_rows = self._labo_real_eval_rows(targets.shape[0])
+            if real_rows == 0:
+                # Only repeats: `gather_for_metrics` drops every copy of this loss, and nothing is recorded.
+                return logits[:0].sum()
+            if real_rows < targets.shape[0]:
+                # The final evaluation batch repeats samples to even out the processes. The Trainer gathers this
+                # loss once per row and `gather_for_metrics` keeps the copies of the real rows only, so the
+                # loss (like the statistics) must cover the real rows alone for eval_loss to count each sample
+                # once, as with one process.
+                logits, targets = logits[:real_rows], targets[:real_rows]
         loss, stats = label_regularized_loss_with_stats(
             logits, targets, ignore_index=_IGNORE_INDEX, num_items_in_batch=normalizer, **self._labo_loss_kwargs
         )
-        if split == "eval":
-            real_rows = self._labo_real_eval_rows(targets.shape[0])
-            if real_rows < targets.shape[0]:
-                # The final evaluation batch repeats samples to even out the processes; the statistics must
-                # cover each sample once (as `gather_for_metrics` does for predictions). Only that batch pays
-                # for this second, gradient-free pass over its real rows.
-                with torch.no_grad():
-                    _, stats = label_regularized_loss_with_stats(
-                        logits[:real_rows].detach(), targets[:real_rows], ignore_index=_IGNORE_INDEX,
-                        **self._labo_loss_kwargs,
-                    )
         self._labo_record(stats, split)
         return loss
 
@@ -229,6 +257,11 @@ class _LABOTrainerMixin:
 
     def _labo_normalizer(self, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | int | None:
         """The loss denominator from the Trainer's ``num_items_in_batch``."""
+        if self._labo_predicting:
+            # Evaluation: each batch's loss is the mean over this process's real rows, as with one process. The
+            # all-process count `prediction_step` passes would include the repeated samples of the final batch
+            # and tie each process's value to the others' counts.
+            return None
         if torch.is_tensor(num_items_in_batch) and num_items_in_batch.dim() > 0:
             # DataParallel (n_gpu > 1): the Trainer repeats the count once per GPU because it expects each
             # replica to compute a loss. Here the replicas' logits are gathered and the loss is computed once
@@ -240,6 +273,8 @@ class _LABOTrainerMixin:
 
     def _labo_process_scale(self) -> int:
         """Factor undoing the gradient averaging over processes (see the module docstring)."""
+        if self._labo_predicting:
+            return 1  # no gradients to average; see `_labo_normalizer`
         if self.args.n_gpu > 1:
             # DataParallel: one loss on the gathered batch, nothing is averaged afterwards.
             return 1
@@ -282,6 +317,7 @@ class _LABOTrainerMixin:
         # Only the periodic training logs carry "loss" (evaluation logs carry "eval_loss", the final summary
         # "train_loss"); they are emitted on every process, which the collective reduction requires.
         if "loss" in logs:
+            self._labo_check_arguments_unchanged()
             logs.update(self._labo_reduce("train", prefix=""))
         super().log(logs, start_time)
 
@@ -296,6 +332,7 @@ class _LABOTrainerMixin:
         """`Trainer.create_model_card` plus tags naming the label regularizer and its hyperparameters, and a
         "Label regularization (LABO)" section with the paper's citation. Done here rather than appended
         afterwards because ``push_to_hub`` regenerates the card through this method."""
+        self._labo_check_arguments_unchanged()
         tags = kwargs.get("tags")
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         ours = dict.fromkeys([*self._tag_names, *model_card_tags(*self._label_regularization)])
@@ -310,6 +347,134 @@ class _LABOTrainerMixin:
         if MODEL_CARD_MARKER not in card:
             with open(path, "a", encoding="utf-8") as f:
                 f.write("\n" + model_card_section(*self._label_regularization, paper=self._paper))
+
+    # ---- one run, one method: arguments read once, identity recorded and checked ----
+
+    def _labo_argument_values(self) -> dict[str, Any]:
+        return {name: getattr(self.args, name) for name in _LABEL_REGULARIZATION_FIELDS if hasattr(self.args, name)}
+
+    def _labo_check_arguments_unchanged(self) -> None:
+        """Refuse a label regularization changed on ``trainer.args`` after the trainer was built.
+
+        The loss was configured from the arguments once; honouring a later change in some places (summaries,
+        cards) but not others (the loss) would misreport the method, so any change is an error.
+        """
+        current = self._labo_argument_values()
+        for name, before in self._labo_arguments_at_init.items():
+            if current.get(name) != before:
+                raise ValueError(
+                    f"trainer.args.{name} was changed from {before!r} to {current.get(name)!r} after "
+                    f"{type(self).__name__} was built. The trainer reads the label regularization once, when it "
+                    f"is built (it uses {self._label_regularization}); build a new trainer with the new arguments."
+                )
+
+    def _labo_build_run_identity(self, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+        regularizer, alpha, temperature = self._label_regularization
+        identity = {"label_regularizer": regularizer, "label_regularizer_alpha": alpha, "labo_temperature": temperature}
+        for key, value in (extra or {}).items():
+            if key in identity and identity[key] != value:
+                raise ValueError(
+                    f"run_identity[{key!r}]={value!r} contradicts the trainer's arguments ({identity[key]!r})."
+                )
+            identity[key] = value
+        return identity
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`, resuming only from a complete checkpoint of the same run.
+
+        ``resume_from_checkpoint=True`` takes the newest complete ``checkpoint-N`` of ``output_dir`` (incomplete
+        ones are skipped with a warning); an explicit folder that is incomplete, or that records another
+        label regularization (or model or data, when both sides record them), is a ``ValueError``.
+        """
+        self._labo_check_arguments_unchanged()
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = find_last_complete_checkpoint(self.args.output_dir, logger)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint not in (None, False):
+            folder = os.fspath(resume_from_checkpoint)
+            check_checkpoint_complete(folder)
+            check_same_run(
+                read_run_record(folder), self.run_identity, f"Checkpoint {folder!r}",
+                "Resume from a checkpoint of this run, or start a new run; to start from its weights alone, "
+                "load them as the model (e.g. --model_name_or_path CHECKPOINT).",
+            )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, plus the run record (``labo_run.json``) naming how the model was trained."""
+        self._labo_check_arguments_unchanged()
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            write_run_record(output_dir if output_dir is not None else self.args.output_dir, self.run_identity)
+
+    def save_metrics(self, split: str, metrics: dict[str, float], combined: bool = True) -> None:
+        """`Trainer.save_metrics`, where ``all_results.json`` combines this trainer's results only.
+
+        transformers merges into whatever ``all_results.json`` the folder already holds; results of an
+        earlier run (another model, another regularizer) would then pass for this one's.
+        """
+        if combined and not self._labo_results_started and self.is_world_process_zero():
+            stale = os.path.join(self.args.output_dir, "all_results.json")
+            if os.path.exists(stale):
+                logger.info(f"Replacing {stale} from an earlier run (its results are not merged into this run's).")
+                os.remove(stale)
+        if combined:
+            self._labo_results_started = True
+        super().save_metrics(split, metrics, combined=combined)
+
+    # ---- atomic checkpoints ----
+    # These overrides rely on how transformers 5.25.0's `Trainer._save_checkpoint` works (see
+    # https://github.com/huggingface/transformers/blob/v5.25.0/src/transformers/trainer.py): it takes its run
+    # folder from `_get_output_dir(trial)`, writes everything under ``run_dir/checkpoint-N``, then rotates and
+    # pushes. tests/test_checkpoints.py fails if that changes.
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # While a checkpoint is being written, transformers' `_save_checkpoint` writes into the staging folder.
+        if self._labo_staging_root is not None:
+            return self._labo_staging_root
+        return super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The upload runs in the background; started from the staging folder it would race with the rename.
+        if self._labo_staging_root is None:
+            super()._push_from_checkpoint(checkpoint_folder)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """`Trainer._save_checkpoint`, atomic: the checkpoint appears complete or not at all.
+
+        Every process writes into ``RUN_DIR/.tmp-checkpoint-N/checkpoint-N``; after a barrier, the process
+        that saves for each filesystem adds a manifest and renames the folder to ``RUN_DIR/checkpoint-N``
+        (`labo_hf.checkpoints`). Rotation and Hub pushes then see the final folder only.
+        """
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, f"{STAGING_PREFIX}{name}")
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)  # left by a save that was interrupted
+        self.accelerator.wait_for_everyone()
+        self._labo_staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._labo_staging_root = None
+        if self.state.best_model_checkpoint == staged:
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                # The saved state must name the folder that will exist, not the staging one.
+                self.state.save_to_json(os.path.join(staged, _TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_checkpoint(staged, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)
 
     # ---- checkpoint reloading (transformers workarounds: labo_hf._compat) ----
 
@@ -333,6 +498,14 @@ class _LABOTrainerMixin:
         plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(self.model, "peft_config"))
         return plain and checkpoint_needs_weight_conversion(self.model, folder)
 
+    def prediction_step(self, *args: Any, **kwargs: Any) -> Any:
+        # Marks the losses computed inside as evaluation losses (see `_labo_normalizer`).
+        self._labo_predicting = True
+        try:
+            return super().prediction_step(*args, **kwargs)
+        finally:
+            self._labo_predicting = False
+
     def evaluation_loop(
         self,
         dataloader: torch.utils.data.DataLoader,
@@ -344,6 +517,7 @@ class _LABOTrainerMixin:
         """`Trainer.evaluation_loop` plus ``{metric_key_prefix}_nll`` (plain cross-entropy per kept position
         over the whole evaluation set, comparable across regularizers), ``_target_prob`` and
         ``_smoothing_entropy``; used by both `evaluate` and `predict`."""
+        self._labo_check_arguments_unchanged()
         self._labo_stats["eval"] = None
         output = super().evaluation_loop(
             dataloader,

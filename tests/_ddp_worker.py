@@ -21,10 +21,12 @@ import conftest  # noqa: E402  (sets the offline environment before transformers
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from labo_hf.trainer import LABOSeq2SeqTrainer  # noqa: E402
+from labo_hf.arguments import LABOTrainingArguments  # noqa: E402
+from labo_hf.trainer import LABOSeq2SeqTrainer, LABOTrainer  # noqa: E402
 
 REGULARIZER = "labo"
 RUNS = {"bs8_ga1": (8, 1), "bs4_ga2": (4, 2)}
+VIT_EVAL_EXAMPLES = 15
 
 
 class RecordingTrainer(LABOSeq2SeqTrainer):
@@ -44,6 +46,15 @@ class RecordingTrainer(LABOSeq2SeqTrainer):
                                     num_items_in_batch=num_items_in_batch)
 
 
+def evaluate_vit(out_dir: str) -> dict[str, float]:
+    """Metrics of the untrained tiny ViT on `VIT_EVAL_EXAMPLES` image examples, 4 per process and batch: 15
+    = 8 + 7, so the final batch of process 1 repeats one sample."""
+    args = LABOTrainingArguments(**conftest.common_args(out_dir, per_device_eval_batch_size=4),
+                                 **conftest.LABEL_REGULARIZATION[REGULARIZER])
+    trainer = LABOTrainer(model=conftest.tiny_vit(), args=args, data_collator=conftest.collate)
+    return trainer.evaluate(conftest.image_examples(VIT_EVAL_EXAMPLES, seed=5))
+
+
 def main(out_dir: str) -> None:
     result: dict[str, object] = {}
     for name, (batch_size, accumulation) in RUNS.items():
@@ -52,6 +63,8 @@ def main(out_dir: str) -> None:
             per_device_eval_batch_size=3, **conftest.LABEL_REGULARIZATION[REGULARIZER],
         )
         metrics = trainer.evaluate(conftest.uneven_batch_examples("marian")) if name == "bs8_ga1" else None
+        if name == "bs8_ga1":
+            trainer._save_checkpoint(trainer.model, trial=None)  # the atomic save, with both processes' files
         seen_by_process: list[object] = [None] * dist.get_world_size()
         dist.all_gather_object(seen_by_process, trainer.seen)
         if trainer.args.process_index == 0:
@@ -64,6 +77,7 @@ def main(out_dir: str) -> None:
                 "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
                 "eval_metrics": metrics,
             }
+    result["vit_eval"] = evaluate_vit(os.path.join(out_dir, "vit_eval"))
     if dist.get_rank() == 0:
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(result, f)

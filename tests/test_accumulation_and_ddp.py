@@ -91,17 +91,24 @@ def test_gradient_accumulation_matches_full_batch(task_name, regularizer, tmp_pa
         assert log["nll"] == pytest.approx(reference_nll, rel=1e-5)
 
 
-def test_two_processes_match_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> tuple[Path, dict]:
+    """`_ddp_worker.py` run once under torchrun with 2 CPU processes: its folder and result.json."""
+    out = tmp_path_factory.mktemp("ddp")
     worker = Path(__file__).with_name("_ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-         str(tmp_path)],
+         str(out)],
         env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     if completed.returncode != 0:
         pytest.fail(f"torchrun failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}")
-    result = json.loads((tmp_path / "result.json").read_text())
+    return out, json.loads((out / "result.json").read_text())
+
+
+def test_two_processes_match_one_process(two_process_run):
+    tmp_path, result = two_process_run
 
     start = flat_parameters(TASKS["marian"].make_model())
     reference, reference_loss, reference_nll = _reference("marian", "labo", micro_batches=1)
@@ -134,3 +141,26 @@ def test_two_processes_match_one_process(tmp_path):
     kept = batch["labels"] != IGNORE
     expected_nll = torch.nn.functional.cross_entropy(logits[kept], batch["labels"][kept]).item()
     assert result["bs8_ga1"]["eval_metrics"]["eval_nll"] == pytest.approx(expected_nll, rel=1e-5)
+
+
+def test_two_process_eval_loss_equals_one_process_eval_loss(two_process_run, tmp_path):
+    """The final evaluation batch of two processes repeats a sample; eval_loss (the default
+    metric_for_best_model) must count each sample once, as with one process."""
+    import _ddp_worker
+
+    _, result = two_process_run
+    two = result["vit_eval"]
+    one = _ddp_worker.evaluate_vit(str(tmp_path))
+    assert two["eval_nll"] == pytest.approx(one["eval_nll"], rel=1e-6)
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-6)
+
+
+def test_two_process_checkpoint_is_published_whole(two_process_run):
+    from labo_hf.checkpoints import MANIFEST_NAME, checkpoint_problems
+
+    out, _ = two_process_run
+    run_dir = out / "bs8_ga1"
+    assert sorted(path.name for path in run_dir.iterdir()) == ["checkpoint-1"]  # no staging folder left
+    manifest = json.loads((run_dir / "checkpoint-1" / MANIFEST_NAME).read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "trainer_state.json"} <= set(manifest)
+    assert checkpoint_problems(str(run_dir / "checkpoint-1")) == []

@@ -30,7 +30,8 @@ EXAMPLE_ONLY_MODULES = {
     "matplotlib": "matplotlib",
 }
 # Script-side modules of the package: imported by the scripts, never by the library.
-SCRIPT_SIDE_MODULES = ["examples", "image_data", "script_utils", "seq2seq_from_scratch", "translation_data"]
+SCRIPT_SIDE_MODULES = ["data_checks", "examples", "image_data", "output_folder", "script_utils", "seq2seq_from_scratch",
+                       "translation_data"]
 # Modules whose imports the examples extra must cover: the script side, and the plots (matplotlib).
 EXTRA_USING_MODULES = [*SCRIPT_SIDE_MODULES, "visualize"]
 # Installed with transformers itself, or optional and imported behind a check (GPU benchmarks).

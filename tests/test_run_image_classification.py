@@ -453,3 +453,123 @@ def test_two_processes_evaluate_each_example_once(image_data, tmp_path):
     assert results["eval_nll"] == pytest.approx(negative_log_likelihood(logits, labels), rel=1e-5)
     assert results["eval_ece"] == pytest.approx(expected_calibration_error(logits, labels), abs=1e-5)
     assert results["eval_accuracy"] == pytest.approx(accuracy(logits, labels))
+
+
+# ---- nothing lost, nothing mixed: crash-safe resume, guarded output folders, early data errors ----
+
+RESUMABLE = ["--do_train", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--learning_rate", "3e-3",
+             "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "6", *TINY_VIT]  # fmt: skip
+KILL_DURING_SAVE = """
+import os, runpy, signal, sys
+from transformers import Trainer
+save_optimizer = Trainer._save_optimizer_and_scheduler
+def save_then_die(self, output_dir):
+    if self.state.global_step == 4:  # weights of checkpoint-4 written, optimizer and trainer state not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    save_optimizer(self, output_dir)
+Trainer._save_optimizer_and_scheduler = save_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_killed_during_a_save_the_same_command_resumes_bit_identically(image_data, tmp_path, monkeypatch):
+    crashed, straight = tmp_path / "crashed", tmp_path / "straight"
+    command = ["--output_dir", str(crashed), "--train_dir", str(image_data["train"]), *RESUMABLE]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(SCRIPT), *command], capture_output=True,
+                            text=True, timeout=300, cwd=REPO_ROOT, env=env)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (crashed / "checkpoint-2").is_dir() and not (crashed / "checkpoint-4").exists()
+
+    run_main(monkeypatch, *command)  # the same command again: resumes from checkpoint-2
+    run_main(monkeypatch, "--output_dir", str(straight), "--train_dir", str(image_data["train"]), *RESUMABLE)
+    resumed, reference = load_file(crashed / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
+    assert json.loads((crashed / "trainer_state.json").read_text())["global_step"] == 6
+
+
+def test_reused_folder_with_another_regularizer_is_refused_and_overwrite_starts_clean(image_data, tmp_path,
+                                                                                      monkeypatch):
+    out = tmp_path / "out"
+    common = ["--output_dir", str(out), "--train_dir", str(image_data["train"]), "--do_train", "--max_steps", "2",
+              "--save_strategy", "steps", "--save_steps", "2", *TINY_VIT]  # fmt: skip
+    run_main(monkeypatch, *common)
+    with pytest.raises(ValueError, match=r"--label_regularizer: 'cross_entropy' now, 'labo' in the recorded run"):
+        run_main(monkeypatch, *common, "--label_regularizer", "cross_entropy", "--max_steps", "4")
+    assert json.loads((out / "labo_run.json").read_text())["label_regularizer"] == "labo"
+
+    (out / "all_results.json").write_text(json.dumps({"stale_metric": 1.0}))
+    results = run_main(monkeypatch, *common, "--label_regularizer", "cross_entropy", "--max_steps", "4",
+                       "--overwrite_output_dir")  # fmt: skip
+    assert "stale_metric" not in results and results["train_loss"] > 0  # trained from scratch, 4 steps
+    assert json.loads((out / "labo_run.json").read_text())["label_regularizer"] == "cross_entropy"
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert "label-regularizer-cross_entropy" in (out / "README.md").read_text()
+    # The same run again, resumed from its own folder: results are this run's only.
+    (out / "all_results.json").write_text(json.dumps({"stale_metric": 1.0}))
+    results = run_main(monkeypatch, *common, "--label_regularizer", "cross_entropy", "--max_steps", "4")
+    assert "stale_metric" not in results
+
+
+def test_unrelated_non_empty_folder_is_refused(image_data, tmp_path, monkeypatch):
+    (tmp_path / "README.md").write_text("my notes")
+    with pytest.raises(ValueError, match="is not empty .*README.md.* holds no labo-hf run record"):
+        run_main(monkeypatch, "--output_dir", str(tmp_path), "--train_dir", str(image_data["train"]), *TINY_VIT)
+    assert (tmp_path / "README.md").read_text() == "my notes"
+
+
+def test_unwritable_output_folder_fails_before_training(image_data, tmp_path, monkeypatch):
+    import tempfile
+
+    real = tempfile.NamedTemporaryFile
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def read_only(*args, **kwargs):
+        if os.path.realpath(kwargs.get("dir", "")) == os.path.realpath(out):
+            raise PermissionError(13, "Read-only file system")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(ValueError, match="--output_dir=.* is not writable"):
+        run_main(monkeypatch, "--output_dir", str(out), "--train_dir", str(image_data["train"]), *TINY_VIT)
+    assert os.listdir(out) == []
+
+
+def _jpeg(seed: int) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+BAD_JPEGS = {"corrupt": b"\xff\xd8\xff\xe0 not really a JPEG" * 4, "empty": b"", "truncated": _jpeg(0)[:200]}
+
+
+@pytest.mark.parametrize("kind", list(BAD_JPEGS))
+def test_bad_jpeg_is_an_error_naming_the_file_before_training(kind, image_data, tmp_path, monkeypatch):
+    train = tmp_path / "train"
+    shutil.copytree(image_data["train"], train)
+    (train / "red" / f"{kind}.jpg").write_bytes(BAD_JPEGS[kind])
+    with pytest.raises(ValueError, match=rf"The train images .*1 of 37 images cannot be decoded: .*red/{kind}\.jpg "
+                                         r".*--skip_bad_images"):
+        run_main(monkeypatch, "--output_dir", str(tmp_path / "out"), "--train_dir", str(train), "--do_train",
+                 *TINY_VIT)  # fmt: skip
+    assert not (tmp_path / "out" / "trainer_state.json").exists()
+
+
+def test_skip_bad_images_drops_and_counts_them(image_data, tmp_path, monkeypatch, caplog):
+    train = tmp_path / "train"
+    shutil.copytree(image_data["train"], train)
+    for kind, data in BAD_JPEGS.items():
+        (train / "red" / f"{kind}.jpg").write_bytes(data)
+    with caplog.at_level("WARNING"):
+        results = run_main(monkeypatch, "--output_dir", str(tmp_path / "out"), "--train_dir", str(train),
+                           "--do_train", "--max_steps", "1", "--skip_bad_images", "true", *TINY_VIT)  # fmt: skip
+    assert results["train_samples"] == 36
+    assert "left out 3 of 39 images that cannot be decoded" in caplog.text

@@ -434,8 +434,11 @@ def test_help_lists_labo_flags(capsys: pytest.CaptureFixture, monkeypatch: pytes
 def test_resolve_checkpoint(tmp_path: Path) -> None:
     from labo_hf.script_utils import resolve_checkpoint
 
-    (tmp_path / "checkpoint-4").mkdir()
-    (tmp_path / "checkpoint-12").mkdir()
+    for name in ("checkpoint-4", "checkpoint-12"):  # complete as far as resuming needs: state and weights
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text("{}")
+        (tmp_path / name / "model.safetensors").write_bytes(b"")
+    (tmp_path / "checkpoint-16").mkdir()  # a save that never finished: skipped
     args = SimpleNamespace(resume_from_checkpoint=None, do_train=True, output_dir=str(tmp_path))
     assert resolve_checkpoint(args) == str(tmp_path / "checkpoint-12")  # the last one, by step
     assert resolve_checkpoint(SimpleNamespace(**{**vars(args), "do_train": False})) is None
@@ -444,6 +447,9 @@ def test_resolve_checkpoint(tmp_path: Path) -> None:
     missing = SimpleNamespace(**{**vars(args), "resume_from_checkpoint": str(tmp_path / "checkpoint-8")})
     with pytest.raises(ValueError, match="--resume_from_checkpoint=.*checkpoint-8.* is not a folder"):
         resolve_checkpoint(missing)
+    incomplete = SimpleNamespace(**{**vars(args), "resume_from_checkpoint": str(tmp_path / "checkpoint-16")})
+    with pytest.raises(ValueError, match="--resume_from_checkpoint=.*checkpoint-16.* not a complete checkpoint"):
+        resolve_checkpoint(incomplete)
 
 
 def test_check_hub_reachable_or_local(tmp_path: Path) -> None:
@@ -476,4 +482,26 @@ def test_dataset_name_as_local_folder_and_unreachable_hub_dataset(tmp_path: Path
     assert "eval_bleu" not in results  # no --predict_with_generate: nothing generated to score
 
     with pytest.raises(ValueError, match=r"--dataset_name='someone/unknown-data'.*--train_prefix"):
-        run_main(["--dataset_name", "someone/unknown-data", *common])
+        # Another --output_dir: `out` now holds a run on other data, which would be refused first.
+        run_main(["--dataset_name", "someone/unknown-data", *common, "--output_dir", tmp_path / "out2"])
+
+
+def test_blank_line_training_data_is_a_clear_error(tmp_path: Path, run_main) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    write_parallel(data / "train", ["", "   ", ""], ["", "", "\t"])
+    with pytest.raises(ValueError, match=r"The train data .*train: none of its 3 pairs has text on both sides"):
+        run_main(marian_args(data, tmp_path / "out", steps=2))
+    assert not (tmp_path / "out" / "tokenizer.json").exists()  # stopped before the tokenizer was trained
+
+
+def test_blank_pairs_are_dropped_with_a_warning(tmp_path: Path, run_main, caplog) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    sources, targets = toy_pairs(40, 0)
+    sources[3], targets[7] = "  ", ""
+    write_parallel(data / "train", sources, targets)
+    with caplog.at_level("WARNING"):
+        run_main(marian_args(data, tmp_path / "out", steps=1))
+    assert read_json(tmp_path / "out" / "all_results.json")["train_samples"] == 38
+    assert "2 of 40 pairs have an empty or whitespace-only de or en side; dropped" in caplog.text
