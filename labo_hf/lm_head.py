@@ -1,7 +1,7 @@
 """Reading a causal LM's final hidden states and lm_head, so the fused linear loss can skip its logits.
 
-`LinearHeadCapture` hooks a transformers causal LM: while it trains (module in training mode, grad enabled), each
-forward gets ``logits_to_keep`` set to the last position only, so the lm_head builds (B, 1, V) logits instead of
+`LinearHeadCapture` hooks a transformers causal LM: while it trains (module in training mode, grad enabled, no
+labels given to the forward), each forward gets ``logits_to_keep`` set to the last position only, so the lm_head builds (B, 1, V) logits instead of
 (B, T, V), and the base model's last hidden state is kept for the loss. Elsewhere (evaluation, generation) the
 model is untouched. The last-position logits let the first call check that the logits are a plain linear map of
 the hidden states, which the fused loss assumes. transformers is only touched through the model passed in.
@@ -79,25 +79,27 @@ class LinearHeadCapture:
     that forward was not a captured one (the loss then uses ``outputs.logits``). ``remove()`` undoes the hooks.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, hook_forward: bool = True) -> None:
         self._base, self.head = check_plain_linear_head(model)
         self._model = _unwrap(model)
         self._hidden: Tensor | None = None
         self._armed = False
         self._checked = False
-        self._handles = [
+        self._handles = [self._base.register_forward_hook(self._capture)]
+        if hook_forward:
             # On the model as given: PEFT calls the inner model's .forward directly, bypassing its hooks.
-            model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
-            self._base.register_forward_hook(self._capture),
-        ]
+            self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
 
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def arm(self, training: bool, kwargs: dict) -> dict:
+        """The forward's keyword arguments, with ``logits_to_keep=1`` when this forward is to be captured."""
         self._hidden = None
-        self._armed = module.training and torch.is_grad_enabled() and kwargs.get("labels") is None
-        if not self._armed:
-            return None
+        # A forward given labels computes the model's own loss, which needs its full logits.
+        self._armed = training and torch.is_grad_enabled() and kwargs.get("labels") is None
         # One position, not zero: its logits let the first call check the linear-map assumption.
-        return args, {**kwargs, "logits_to_keep": 1}
+        return {**kwargs, "logits_to_keep": 1} if self._armed else kwargs
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, self.arm(module.training, kwargs)
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._armed:

@@ -56,7 +56,8 @@ def _shifts(outputs: Any) -> bool:
 class LABOLossFunction:
     """Callable ``(outputs, labels, num_items_in_batch=None) -> loss``; see `labo_loss_func`.
 
-    ``last_stats`` holds the `LossStats` of the latest call (sums, detached), for logging.
+    ``last_stats`` holds the `LossStats` of the latest call (sums, detached), for logging; ``last_fused`` says
+    whether it came from the fused linear loss.
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class LABOLossFunction:
         model: nn.Module | None = None,
         ignore_index: int = -100,
         chunk_size: int | None = None,
+        hook_forward: bool = True,
     ) -> None:
         resolve_hyperparameters(regularizer, alpha, temperature)
         if shift_labels not in (None, True, False):
@@ -80,8 +82,9 @@ class LABOLossFunction:
                             "ignore_index": ignore_index}
         self.shift_labels = shift_labels
         self.chunk_size = chunk_size
-        self.head = LinearHeadCapture(model) if fused_linear else None
+        self.head = LinearHeadCapture(model, hook_forward=hook_forward) if fused_linear else None
         self.last_stats: LossStats | None = None
+        self.last_fused = False
 
     def __call__(self, outputs: Any, labels: Tensor, num_items_in_batch: Tensor | int | None = None) -> Tensor:
         """The loss of one micro-batch (see the module docstring for the reduction)."""
@@ -121,7 +124,7 @@ class LABOLossFunction:
             loss, stats = label_regularized_loss_with_stats(
                 logits, targets, num_items_in_batch=num_items_in_batch, **self.loss_kwargs
             )
-        self.last_stats = stats
+        self.last_stats, self.last_fused = stats, hidden is not None
         return loss, stats
 
     def remove(self) -> None:
