@@ -116,6 +116,9 @@ class LABOLossFunction:
         hidden = self.head.take(logits) if self.head is not None else None
         if hidden is not None:
             head = self.head.head
+            # Under autocast the final norm may return another dtype than the lm_head weight's; the matmul in the
+            # fused loss then autocasts as the lm_head would have.
+            hidden = hidden.to(head.weight.dtype)
             loss, stats = fused_linear_label_regularized_loss_with_stats(
                 hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), head.bias,
                 num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size, **self.loss_kwargs,
