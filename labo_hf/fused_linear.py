@@ -95,22 +95,34 @@ class _FusedLinearLoss(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden.index_add_(0, idx, (grad_logits @ weight).float())
             if grad_weight is not None:
-                grad_weight.add_((grad_logits.T @ h).float())
+                if grad_logits.dtype == torch.float32:
+                    # In place: no (V, H) temporary per chunk.
+                    grad_weight.addmm_(grad_logits.T, h)
+                else:
+                    grad_weight.add_(grad_logits.T @ h)
             if grad_bias is not None:
                 grad_bias.add_(grad_logits.sum(0, dtype=torch.float32))
             del grad_logits
         ctx.save_for_backward(*(g if g is not None else zero for g in (grad_hidden, grad_weight, grad_bias)))
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        ctx.used = False
         num_kept = torch.tensor(float(kept_idx.numel()), device=hidden.device)
         ctx.mark_non_differentiable(nll_sum, target_prob_sum, entropy_sum, num_kept)
         return loss_sum, nll_sum, target_prob_sum, entropy_sum, num_kept
 
     @staticmethod
     def backward(ctx, grad_output, *unused):  # noqa: D102
+        if ctx.used:
+            raise RuntimeError(
+                "fused_linear_label_regularized_loss: backward ran twice through the same forward; recompute the "
+                "loss instead of using retain_graph=True"
+            )
+        ctx.used = True
         scale = grad_output.float()
+        # In place: a second float32 copy of the (V, H) weight gradient would add its size to the peak.
         grads = [
-            (g * scale).to(dtype) if has else None
+            g.mul_(scale).to(dtype) if has else None
             for g, has, dtype in zip(ctx.saved_tensors, ctx.has, ctx.dtypes, strict=True)
         ]
         return grads[0], grads[1], grads[2], None, None, None, None
@@ -178,7 +190,8 @@ def fused_linear_label_regularized_loss(
     Returns:
         0-dim float32 loss. Peak extra memory is a few chunks of (chunk_size, V) plus float32 copies of the
         gradients of hidden (N, H), weight (V, H) and bias, which are computed in the forward pass (only for
-        the inputs that require a gradient); backward multiplies them by the upstream gradient.
+        the inputs that require a gradient); backward multiplies them in place by the upstream gradient, so it
+        runs once per forward.
     """
     loss, _ = fused_linear_label_regularized_loss_with_stats(
         hidden, weight, labels, bias, regularizer=regularizer, alpha=alpha, temperature=temperature,

@@ -177,3 +177,12 @@ def test_fused_linear_no_grad_all_ignored_and_bad_input():
     fused_linear_label_regularized_loss(hidden, weight, labels)
     for t, b in zip((hidden, weight, labels), before, strict=True):
         assert torch.equal(t, b)
+
+
+def test_fused_linear_backward_twice_is_refused():
+    hidden, weight, bias, labels = _hidden_problem()
+    h = hidden.float().requires_grad_()
+    loss = fused_linear_label_regularized_loss(h, weight.float(), labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
