@@ -100,6 +100,11 @@ def apply_labo(
         original = model.forward
         model.forward = functools.wraps(original)(functools.partial(_forward, model, original, loss_fn))
         handle = LABOHandle(model, loss_fn, "forward", previous)
+    if causal and getattr(model, "loss_type", None) is None:
+        # The Trainer counts num_items_in_batch over labels[..., 1:] only for loss_type "ForCausalLM"; GPT-2 has
+        # none, so its count would include the first position, which the shifted loss never predicts.
+        model.__dict__["_labo_unset_loss_type"] = True
+        model.loss_type = "ForCausalLM"
     setattr(model, _ATTRIBUTE, handle)
     return handle
 
@@ -110,6 +115,8 @@ def remove_labo(model: nn.Module) -> None:
     if handle is None:
         return
     handle.loss_fn.remove()
+    if model.__dict__.pop("_labo_unset_loss_type", False):
+        model.loss_type = None
     if handle.patched == "loss_function":
         if handle.previous is _MISSING:
             model.__dict__.pop("_loss_function", None)

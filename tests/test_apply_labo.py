@@ -104,3 +104,16 @@ def test_trainer_passes_num_items_to_patched_model(tmp_path):
     with torch.no_grad():
         got = trainer.compute_loss(model, dict(batch), num_items_in_batch=count)
     torch.testing.assert_close(got, _expected(task, model, batch, **loss_kwargs("labo"), num_items_in_batch=count))
+
+
+def test_gpt2_counts_shifted_labels_while_patched(tmp_path):
+    from conftest import common_args
+    from transformers import Trainer, TrainingArguments
+
+    model = TASKS["gpt2"].make_model()
+    handle = apply_labo(model)
+    trainer = Trainer(model=model, args=TrainingArguments(**common_args(str(tmp_path))), data_collator=collate)
+    batch = collate(TASKS["gpt2"].make_examples(5, seed=4))
+    assert int(trainer._get_num_items_in_batch([batch], torch.device("cpu"))) == int((batch["labels"][:, 1:] != -100).sum())
+    handle.remove()
+    assert model.loss_type is None
