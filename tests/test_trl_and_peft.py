@@ -118,3 +118,21 @@ def test_lora_through_labo_trainer(tmp_path):
     reloaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_fused_linear_matches_full_logits():
+    from peft import LoraConfig, get_peft_model
+
+    batch = collate(TASKS["llama"].make_examples(4, seed=5))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    grads = []
+    for fused in (False, True):
+        model = get_peft_model(TASKS["llama"].make_model(), LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False))
+        model.train()
+        loss_fn = labo_loss_func(shift_labels=True, fused_linear=fused, model=model if fused else None)
+        loss_fn(model(**inputs), batch["labels"]).backward()
+        assert loss_fn.last_fused == fused
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
