@@ -33,12 +33,12 @@ from _common import RESULTS_DIR, describe_machine, machine_info, md_table, write
 
 METHODS = ("labo_full", "labo_fused", "torch_ls", "liger_ls")
 PRESETS = {
-    "cpu": dict(batch_size=2, seq_len=1024, vocab=128256, hidden=512, layers=1, steps=2, warmup=1, device="cpu",
-                dtype="float32"),
+    "cpu": dict(batch_size=2, seq_len=1024, vocab=128256, hidden=512, layers=1, steps=3, warmup=1, device="cpu",
+                dtype="float32", rounds=2),
     "gpu": dict(batch_size=4, seq_len=4096, vocab=128256, hidden=2048, layers=2, steps=10, warmup=2, device="cuda",
-                dtype="bfloat16"),
+                dtype="bfloat16", rounds=1),
     "tiny": dict(batch_size=2, seq_len=16, vocab=1000, hidden=32, layers=1, steps=1, warmup=1, device="cpu",
-                 dtype="float32"),
+                 dtype="float32", rounds=1),
 }
 
 
@@ -53,8 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                    help="default: all but liger_ls on CPU; all four on CUDA")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="processes per method, run method after method in turn; the fastest step over all counts")
     p.add_argument("--out_dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--tag", default=None, help="result file suffix (default: the preset)")
+    p.add_argument("--note", default="", help="appended to the machine line of the Markdown (e.g. other load)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.preset is None:
@@ -138,7 +141,11 @@ def _step_function(args, model, labels):
 
 def run_worker(args) -> dict:
     import torch
+    import transformers  # noqa: F401  (imported before measuring the runtime's own memory)
 
+    import labo_hf  # noqa: F401
+
+    runtime = 0 if args.device.startswith("cuda") else _status_bytes("VmRSS")
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
@@ -172,7 +179,7 @@ def run_worker(args) -> dict:
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")
     return {"method": args.worker, "peak_bytes": peak, "step_peak_bytes": peak - before, "before_bytes": before,
-            "step_seconds": sorted(times)[len(times) // 2], "times": times, "loss": losses[-1],
+            "runtime_bytes": runtime, "times": times, "loss": losses[-1],
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -187,23 +194,36 @@ def main(argv=None) -> list[dict]:
     cuda = args.device.startswith("cuda")
     methods = args.methods or [m for m in METHODS if cuda or m != "liger_ls"]
     info = machine_info()
+    runs: dict[str, list[dict]] = {method: [] for method in methods}
+    # Round-robin, so that load from other jobs on a shared machine hits every method alike.
+    for _ in range(args.rounds):
+        for method in methods:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--preset", args.preset]
+            for key in ("batch_size", "seq_len", "vocab", "hidden", "layers", "steps", "warmup", "dtype", "alpha",
+                        "temperature", "threads"):
+                if getattr(args, key) is not None:
+                    cmd += [f"--{key}", str(getattr(args, key))]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ})
+            if done.returncode != 0:
+                raise RuntimeError(f"{method} failed:\n{done.stderr[-4000:]}")
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            runs[method].append(run)
+            print(f"{method:11s} peak {run['peak_bytes'] / 2**20:8.0f} MiB  step adds "
+                  f"{run['step_peak_bytes'] / 2**20:8.0f} MiB  steps {' '.join(f'{t:.2f}' for t in run['times'])} s")
     records = []
-    for method in methods:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--preset", args.preset]
-        for key in ("batch_size", "seq_len", "vocab", "hidden", "layers", "steps", "warmup", "dtype", "alpha",
-                    "temperature", "threads"):
-            if getattr(args, key) is not None:
-                cmd += [f"--{key}", str(getattr(args, key))]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ})
-        if done.returncode != 0:
-            raise RuntimeError(f"{method} failed:\n{done.stderr[-4000:]}")
-        record = json.loads(done.stdout.strip().splitlines()[-1])
+    for method, method_runs in runs.items():
+        times = sorted(t for run in method_runs for t in run["times"])
+        record = {
+            "method": method, "peak_bytes": max(run["peak_bytes"] for run in method_runs),
+            "step_peak_bytes": max(run["step_peak_bytes"] for run in method_runs),
+            "runtime_bytes": max(run["runtime_bytes"] for run in method_runs),
+            "step_seconds": times[0], "median_step_seconds": times[len(times) // 2], "times": times,
+            "loss": method_runs[-1]["loss"], "parameters": method_runs[-1]["parameters"], "rounds": args.rounds,
+            "machine": info,
+        }
         record.update({key: getattr(args, key) for key in ("preset", "batch_size", "seq_len", "vocab", "hidden",
-                                                          "layers", "dtype", "device")})
-        record["machine"] = info
+                                                          "layers", "dtype", "device", "steps", "warmup")})
         records.append(record)
-        print(f"{method:11s} peak {record['peak_bytes'] / 2**20:8.0f} MiB  step adds "
-              f"{record['step_peak_bytes'] / 2**20:8.0f} MiB  step {record['step_seconds']:.2f} s")
     base = next((r for r in records if r["method"] == "labo_full"), records[0])
     for r in records:
         r["peak_ratio_vs_labo_full"] = r["peak_bytes"] / base["peak_bytes"]
@@ -213,19 +233,29 @@ def main(argv=None) -> list[dict]:
     write_jsonl(args.out_dir / f"lm_memory_{tag}.jsonl", records)
     rows = [[r["method"], f"{r['peak_bytes'] / 2**20:.0f}", f"{r['peak_ratio_vs_labo_full']:.2f}",
              f"{r['step_peak_bytes'] / 2**20:.0f}", f"{r['step_peak_ratio_vs_labo_full']:.2f}",
-             f"{r['step_seconds']:.2f}", f"{r['time_ratio_vs_labo_full']:.2f}", f"{r['loss']:.4f}"] for r in records]
+             f"{r['step_seconds']:.2f}", f"{r['median_step_seconds']:.2f}", f"{r['time_ratio_vs_labo_full']:.2f}",
+             f"{r['loss']:.4f}"] for r in records]
     memory = "torch.cuda.max_memory_allocated" if cuda else "resident-set high-water mark (VmHWM)"
     text = (
-        f"# lm_memory ({tag})\n\nMachine: {describe_machine(info)}.\n\n"
+        f"# lm_memory ({tag})\n\nMachine: {describe_machine(info)}.{' ' + args.note if args.note else ''}\n\n"
         f"LlamaForCausalLM from config: {args.layers} layer(s), hidden {args.hidden}, V={args.vocab}, "
         f"{base['parameters'] / 1e6:.1f}M parameters, {args.dtype}; batch {args.batch_size} x {args.seq_len} tokens, "
-        f"10% of labels ignored; forward + loss + backward + SGD step; median of {args.steps} step(s) after "
-        f"{args.warmup} warm-up step(s), each method in a fresh process. Memory: {memory}; 'step adds' is the peak "
-        "minus the memory in use just before the timed steps.\n\n"
-        + md_table(["method", "peak MiB", "× labo_full", "step adds MiB", "× labo_full", "step s", "× labo_full",
-                    "loss"], rows)
+        f"10% of labels ignored; forward + loss + backward + SGD step; {args.steps} timed step(s) after "
+        f"{args.warmup} warm-up step(s) in each of {args.rounds} fresh process(es) per method, run in turn. Memory: "
+        f"{memory} (the largest over the processes); 'step adds' is the peak minus the memory in use just before "
+        "the timed steps. The process's memory after importing torch, transformers and labo_hf, before building the "
+        f"model, was {base['runtime_bytes'] / 2**20:.0f} MiB.\n\n"
+        + md_table(["method", "peak MiB", "× labo_full", "step adds MiB", "× labo_full", "fastest step s",
+                    "median step s", "× labo_full (fastest)", "loss"], rows)
         + "\n"
     )
+    fused = next((r for r in records if r["method"] == "labo_fused"), None)
+    if fused is not None and base["method"] == "labo_full":
+        text += (
+            f"\nFused-linear vs full-logits LABO: peak memory {fused['peak_ratio_vs_labo_full']:.2f}x (the step's own "
+            f"memory {fused['step_peak_ratio_vs_labo_full']:.2f}x), step time {fused['time_ratio_vs_labo_full']:.2f}x "
+            "(goal: at most 0.5x the memory at at most 1.3x the time).\n"
+        )
     (args.out_dir / f"lm_memory_{tag}.md").write_text(text)
     print(text)
     return records
