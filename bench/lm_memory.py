@@ -194,6 +194,8 @@ def main(argv=None) -> list[dict]:
     cuda = args.device.startswith("cuda")
     methods = args.methods or [m for m in METHODS if cuda or m != "liger_ls"]
     info = machine_info()
+    if args.threads:
+        info["torch_threads"] = args.threads  # the workers', not this parent's
     runs: dict[str, list[dict]] = {method: [] for method in methods}
     # Round-robin, so that load from other jobs on a shared machine hits every method alike.
     for _ in range(args.rounds):
