@@ -129,3 +129,20 @@ def test_two_processes_match_one_process(tmp_path):
     for kind, run in result.items():
         assert run["num_processes"] == 2 and run["fused"] == kind.endswith("_fused"), kind
         _assert_same(torch.load(tmp_path / f"{kind}.pt"), reference)
+
+
+def test_labo_trainer_refuses_fused_linear_for_encoder_decoder(tmp_path):
+    from conftest import common_args
+    from transformers import HfArgumentParser
+
+    from labo_hf.arguments import LABOSeq2SeqTrainingArguments
+    from labo_hf.trainer import LABOSeq2SeqTrainer
+
+    (args,) = HfArgumentParser(LABOSeq2SeqTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none", "--labo_fused_linear"]
+    )
+    assert args.labo_fused_linear
+    with pytest.raises(ValueError, match="decoder-only causal LM"):
+        LABOSeq2SeqTrainer(model=TASKS["marian"].make_model(), args=args, data_collator=collate)
+    plain = LABOSeq2SeqTrainingArguments(**common_args(str(tmp_path)))
+    assert not plain.labo_fused_linear
