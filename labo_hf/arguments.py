@@ -1,11 +1,12 @@
 """Training arguments that select and configure the label regularizer.
 
-`LABOTrainingArguments` and `LABOSeq2SeqTrainingArguments` add three fields to the Hugging Face
+`LABOTrainingArguments` and `LABOSeq2SeqTrainingArguments` add these fields to the Hugging Face
 arguments (shared through `LabelRegularizationArgumentsMixin`):
 
 - ``--label_regularizer`` (``labo`` | ``label_smoothing`` | ``cross_entropy``),
 - ``--label_regularizer_alpha`` (smoothing mass; unset means the regularizer's default),
-- ``--labo_temperature`` (LABO's temperature; unset means the default).
+- ``--labo_temperature`` (LABO's temperature; unset means the default),
+- ``--labo_fused_linear`` (causal LMs: the loss from hidden states and lm_head weight, without the logits).
 
 The fields keep exactly what the user passed (``None`` stays ``None``) so that ``to_dict()`` and saved
 ``training_args.bin`` record the user's intent; the values actually used are exposed through the read-only
@@ -102,6 +103,17 @@ class LabelRegularizationArgumentsMixin:
                 "LABO temperature T > 0 of the softmax over the non-target classes (large T approaches "
                 f"uniform smoothing, T = 1 follows the model's own belief). Defaults to {DEFAULT_TEMPERATURE}; "
                 "only valid with --label_regularizer labo."
+            )
+        },
+    )
+
+    labo_fused_linear: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Causal LMs only: compute the training loss from the final hidden states and the lm_head weight in "
+                "row chunks, never building the (tokens x vocabulary) logits or their gradient. Refused for models "
+                "whose logits are not a plain linear map (softcapping, logit scaling). Evaluation keeps the logits."
             )
         },
     )

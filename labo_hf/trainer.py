@@ -43,7 +43,8 @@ from .checkpoints import (
     find_last_complete_checkpoint,
     publish_checkpoint,
 )
-from .losses import LossStats, label_regularized_loss_with_stats, resolve_hyperparameters
+from .loss_func import LABOLossFunction, model_logits
+from .losses import LossStats, resolve_hyperparameters
 from .model_card import LABO_PAPER, MODEL_CARD_MARKER, TAG_NAMES, model_card_section, model_card_tags
 from .run_record import check_same_run, read_run_record, write_run_record
 
@@ -51,7 +52,6 @@ logger = logging.get_logger(__name__)
 
 __all__ = ["LABOSeq2SeqTrainer", "LABOTrainer", "LabelRegularization"]
 
-_IGNORE_INDEX = -100  # transformers' convention; `Trainer._get_num_items_in_batch` counts `labels != -100`
 _TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
 # Argument fields the trainer reads once, when it is built (the last one belongs to plain TrainingArguments).
 _LABEL_REGULARIZATION_FIELDS = ("label_regularizer", "label_regularizer_alpha", "labo_temperature",
@@ -135,6 +135,11 @@ class _LABOTrainerMixin:
         # that `_get_num_items_in_batch` counts exactly the positions our loss keeps (`labels[..., 1:]`).
         self._labo_shift_labels = bool(getattr(self, "_loss_shifts_labels", False)) or _is_causal_lm(self.model)
         self._loss_shifts_labels = self._labo_shift_labels
+        # The loss itself is the one `labo_loss_func` gives plain Trainers: one implementation for every way in.
+        self._labo_loss_fn = LABOLossFunction(
+            **self._labo_loss_kwargs, shift_labels=self._labo_shift_labels,
+            fused_linear=bool(getattr(training_args, "labo_fused_linear", False)), model=self.model,
+        )
         # Running sums (nll, target_prob, smoothing_entropy, count) kept on device without syncing;
         # "train" is reset at each training log, "eval" at the start of each evaluation loop.
         self._labo_stats: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
@@ -195,22 +200,23 @@ class _LABOTrainerMixin:
             inputs["decoder_input_ids"] = prepare(labels=labels)
 
         outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
         loss = self._labo_loss(
-            logits,
-            self._labo_targets(labels, shift_labels),
-            self._labo_normalizer(num_items_in_batch),
-            "train" if model.training else "eval",
+            outputs, labels, self._labo_normalizer(num_items_in_batch), "train" if model.training else "eval",
+            shift_labels=shift_labels,
         )
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self._labo_process_scale()
         return (loss, outputs) if return_outputs else loss
 
     def _labo_loss(
-        self, logits: torch.Tensor, targets: torch.Tensor, normalizer: torch.Tensor | int | None, split: str
+        self, outputs: Any, labels: torch.Tensor, normalizer: torch.Tensor | int | None, split: str,
+        shift_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The label-regularized loss; records its statistics under `split` ("train" or "eval")."""
+        """The label-regularized loss of `outputs` (model outputs or logits); records its statistics under `split`
+        ("train" or "eval")."""
         if split == "eval":
+            logits = model_logits(outputs)
+            targets = self._labo_loss_fn.targets(outputs, labels, shift_labels)
             real_rows = self._labo_real_eval_rows(targets.shape[0])
             if real_rows == 0:
                 # Only repeats: `gather_for_metrics` drops every copy of this loss, and nothing is recorded.
@@ -220,10 +226,8 @@ class _LABOTrainerMixin:
                 # loss once per row and `gather_for_metrics` keeps the copies of the real rows only, so the
                 # loss (like the statistics) must cover the real rows alone for eval_loss to count each sample
                 # once, as with one process.
-                logits, targets = logits[:real_rows], targets[:real_rows]
-        loss, stats = label_regularized_loss_with_stats(
-            logits, targets, ignore_index=_IGNORE_INDEX, num_items_in_batch=normalizer, **self._labo_loss_kwargs
-        )
+                outputs, labels, shift_labels = logits[:real_rows], None, targets[:real_rows]
+        loss, stats = self._labo_loss_fn.loss_with_stats(outputs, labels, normalizer, shift_labels=shift_labels)
         self._labo_record(stats, split)
         return loss
 
@@ -244,16 +248,6 @@ class _LABOTrainerMixin:
             return batch_rows
         before = self.accelerator.process_index * batch_rows
         return min(max(state.remainder - before, 0), batch_rows)
-
-    def _labo_targets(self, labels: torch.Tensor, shift_labels: torch.Tensor | None) -> torch.Tensor:
-        """Labels aligned position by position with the logits."""
-        if shift_labels is not None:
-            return shift_labels
-        if self._labo_shift_labels:
-            # Same loss as logits[..., :-1, :] against labels[..., 1:], but padding the (small) labels with one
-            # ignored position leaves the (large) logits unsliced and contiguous, so no copy of them is made.
-            return nn.functional.pad(labels[..., 1:], (0, 1), value=_IGNORE_INDEX)
-        return labels
 
     def _labo_normalizer(self, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | int | None:
         """The loss denominator from the Trainer's ``num_items_in_batch``."""
@@ -582,4 +576,4 @@ class LABOSeq2SeqTrainer(_LABOTrainerMixin, Seq2SeqTrainer):
         """
         # Seq2SeqTrainer passed the labels to the model, so a tuple output starts with the model's loss.
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[1]
-        return self._labo_loss(logits, self._labo_targets(labels, None), None, "eval")
+        return self._labo_loss(logits, labels, None, "eval")
