@@ -1,0 +1,226 @@
+"""Chunked pure-torch implementation of the per-row kernels (any device, every float dtype).
+
+The rows are processed in chunks of about ``chunk_elements`` logits, so that the float32 work
+buffers stay a few chunks whatever N is. Each chunk runs a dozen whole-chunk torch ops: on a CPU
+shared with other processes every op is an OpenMP fork/join that may wait for a time slice, so
+few large chunks are much more robust than cache-sized ones (measured 2.2 s vs 14-39 s for
+4096 x 32000 on a loaded 2-core machine, bench/results/README.md, section 1).
+
+Nothing here synchronises with the host on CUDA except where noted; problems (labels out of range,
+non-finite logits) show up as NaN or inf in the per-row results.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from labo_hf.kernels import MODES, FusedRows, RowStats
+
+__all__ = ["CHUNK_ELEMENTS", "backward_rows", "compute_dtype", "forward_rows", "fused_rows"]
+
+# Elements per work buffer (32 MiB in float32; two or three buffers at most).
+CHUNK_ELEMENTS = 1 << 23
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 logits are computed in float64 (1e300 stays finite); everything else in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _label_masks(labels: Tensor, num_classes: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """kept (N,) bool, bad (N,) bool (kept but outside [0, K)), and labels safe to index with (N,)."""
+    kept = labels != ignore_index
+    bad = kept & ((labels < 0) | (labels >= num_classes))
+    safe = torch.where(kept & ~bad, labels, 0)
+    return kept, bad, safe
+
+
+def _mask_ignored_rows(g: Tensor, keep_col: Tensor) -> None:
+    # Ignored rows may hold garbage (even NaN) logits: their gradient is exactly zero. On CPU the
+    # check costs nothing and usually skips a pass; on CUDA it would be a host sync.
+    if g.is_cuda or bool((~keep_col).any()):
+        g.masked_fill_(~keep_col, 0.0)
+
+
+def forward_rows(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    regularizer: str,
+    alpha: float,
+    temperature: float | None,
+    ignore_index: int,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> RowStats:
+    """Per-row loss, logging statistics and the gradient's statistics, reading the logits once.
+
+    Args:
+        logits: (N, K) any float dtype, rows may be strided (``stride(-1)`` need not be 1).
+        labels: (N,) integer; values outside [0, K) other than ``ignore_index`` poison their row.
+        regularizer, alpha, temperature: as returned by ``labo_hf.losses.resolve_hyperparameters``.
+        chunk_elements: work-buffer size in elements.
+
+    Returns:
+        RowStats, every field (N,) in ``compute_dtype(logits.dtype)``.
+    """
+    n, num_classes = logits.shape
+    ct = compute_dtype(logits.dtype)
+    device = logits.device
+    mode = MODES[regularizer]
+    kept, bad, safe = _label_masks(labels, num_classes, ignore_index)
+    out = RowStats(*(torch.zeros(n, dtype=ct, device=device) for _ in RowStats._fields))
+    step = max(1, chunk_elements // num_classes)
+    rows = min(step, n)
+    buf_d = torch.empty(rows, num_classes, dtype=ct, device=device)
+    buf_e = torch.empty_like(buf_d)
+    lowest = torch.finfo(ct).min
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        c = stop - start
+        x = logits[start:stop]
+        y = safe[start:stop].unsqueeze(1)
+        keep = kept[start:stop].unsqueeze(1)
+        m = x.amax(dim=-1, keepdim=True).to(ct)
+        # exp and sum as separate kernels: torch's fused softmax is faster but its float32
+        # accumulation drifts by ~1e-6 relative at K ~ 1e5, beyond the reference tolerance.
+        d = torch.sub(x, m, out=buf_d[:c])
+        s = torch.exp(d, out=buf_e[:c]).sum(dim=-1, keepdim=True)
+        log_s = s.log()
+        d_y = d.gather(1, y)
+        row_nll = log_s - d_y
+        nt_max = log_st = None
+        if mode == 2:
+            # Shift by the non-target max, not the row max: when the label's logit dominates,
+            # exp((z_k - max z) / T) would underflow for every other class.
+            t = torch.mul(d, 1.0 / temperature, out=buf_e[:c])
+            t.scatter_(1, y, -math.inf)
+            mt, arg = t.max(dim=-1, keepdim=True)
+            # No finite non-target logit: nowhere to put the smoothing mass, q = e_y.
+            has_mass = mt > -math.inf
+            t.sub_(torch.where(has_mass, mt, 0.0)).exp_()
+            st = t.sum(dim=-1, keepdim=True)
+            st_safe = torch.where(has_mass, st, 1.0)
+            # <u*, z - m>. A class masked with -inf has weight exp(-inf) = 0; clamping its -inf
+            # keeps 0 * -inf from turning the sum into NaN (NaN logits still propagate).
+            mean_d = d.clamp_(min=lowest).mul_(t).sum(dim=-1, keepdim=True) / st_safe
+            row_loss = torch.where(has_mass, log_s - (1 - alpha) * d_y - alpha * mean_d, row_nll)
+            # log u*_k = (z_k - m) / T - mt - log st, so H(u*) = mt + log st - <u*, z - m> / T.
+            row_entropy = torch.where(has_mass, mt + st_safe.log() - mean_d / temperature, 0.0)
+            # The exact non-target max in logit units: the backward pass shifts by it.
+            nt_max = torch.where(has_mass, x.gather(1, arg).to(ct), -math.inf)
+            log_st = torch.where(has_mass, st_safe.log(), 0.0)
+        elif mode == 1:
+            sum_d = d.sum(dim=-1, keepdim=True)
+            row_loss = log_s - (1 - alpha) * d_y - (alpha / num_classes) * sum_d
+            row_entropy = torch.full_like(row_loss, math.log(num_classes))
+        else:
+            row_loss = row_nll
+            row_entropy = torch.zeros_like(row_loss)
+        poison = torch.where(bad[start:stop].unsqueeze(1), math.nan, 0.0)
+        fields = [(out.loss, row_loss), (out.nll, row_nll), (out.smoothing_entropy, row_entropy),
+                  (out.row_max, m), (out.log_sum, log_s)]
+        if mode == 2:
+            fields += [(out.nt_max, nt_max), (out.log_sum_t, log_st)]
+        for dest, value in fields:
+            dest[start:stop] = (torch.where(keep, value, 0.0) + poison).squeeze(1)
+    return out
+
+
+def backward_rows(
+    grad_rows: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    stats: RowStats,
+    *,
+    regularizer: str,
+    alpha: float,
+    temperature: float | None,
+    ignore_index: int,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> Tensor:
+    """``grad_rows[i] * (p_i - q_i)`` for every row, re-reading the logits once.
+
+    Args:
+        grad_rows: (N,) the upstream gradient of each row's loss (any float dtype; read on device).
+        logits, labels, regularizer, alpha, temperature, ignore_index: as given to ``forward_rows``.
+        stats: ``forward_rows``'s result for the same inputs.
+
+    Returns:
+        (N, K) contiguous, in the logits' dtype: computed in the compute dtype and rounded once, so
+        a large ``grad_rows`` (a loss scale) lifts small entries before the rounding. Zero rows for
+        ignored rows, NaN rows for poisoned ones.
+    """
+    n, num_classes = logits.shape
+    ct = compute_dtype(logits.dtype)
+    device = logits.device
+    mode = MODES[regularizer]
+    kept, bad, safe = _label_masks(labels, num_classes, ignore_index)
+    coef = torch.where(kept, grad_rows.to(device=device, dtype=ct), 0.0) + torch.where(bad, math.nan, 0.0)
+    grad = torch.empty((n, num_classes), dtype=logits.dtype, device=device)
+    step = max(1, chunk_elements // num_classes)
+    rows = min(step, n)
+    in_place = logits.dtype == ct
+    buf_g = None if in_place else torch.empty(rows, num_classes, dtype=ct, device=device)
+    buf_u = torch.empty(rows, num_classes, dtype=ct, device=device) if mode == 2 else None
+    inv_t = 1.0 / temperature if mode == 2 else 1.0
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        c = stop - start
+        x = logits[start:stop]
+        y = safe[start:stop].unsqueeze(1)
+        keep = kept[start:stop].unsqueeze(1)
+        cf = coef[start:stop].unsqueeze(1)
+        m = stats.row_max[start:stop].unsqueeze(1)
+        log_s = stats.log_sum[start:stop].unsqueeze(1)
+        g = torch.sub(x, m, out=grad[start:stop] if in_place else buf_g[:c])
+        # p * coef, coef and 1 / sum folded into one multiply.
+        g.exp_().mul_(cf * torch.exp(-log_s))
+        if mode == 2:
+            nt_max = stats.nt_max[start:stop].unsqueeze(1)
+            has_mass = nt_max > -math.inf
+            a_row = torch.where(has_mass, alpha, 0.0)
+            # Rows without mass: shift by +inf so that u* = exp(-inf) = 0 without 0 * inf.
+            shift = torch.where(has_mass, nt_max, math.inf)
+            u = torch.sub(x, shift, out=buf_u[:c]).mul_(inv_t).exp_()
+            u_coef = torch.where(has_mass, cf * alpha * torch.exp(-stats.log_sum_t[start:stop].unsqueeze(1)), 0.0)
+            g.addcmul_(u, -u_coef)
+            q_y = 1.0 - a_row
+        elif mode == 1:
+            g.sub_(cf * (alpha / num_classes))
+            q_y = 1.0 - alpha + alpha / num_classes
+        else:
+            q_y = 1.0
+        # The label's entry recomputed on its own: u* there was never meant to be included, and
+        # exp((z_y - nt_max) / T) may even overflow when the label dominates.
+        p_y = torch.exp((x.gather(1, y).to(ct) - m) - log_s)
+        g.scatter_(1, y, cf * (p_y - q_y))
+        _mask_ignored_rows(g, keep)
+        if not in_place:
+            grad[start:stop].copy_(g)
+    return grad
+
+
+def fused_rows(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    regularizer: str,
+    alpha: float,
+    temperature: float | None,
+    ignore_index: int,
+    grad_scale: float | Tensor,
+    want_grad: bool = True,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> FusedRows:
+    """``forward_rows`` then, if ``want_grad``, ``backward_rows`` with ``grad_scale`` for every row."""
+    kw = dict(regularizer=regularizer, alpha=alpha, temperature=temperature, ignore_index=ignore_index,
+              chunk_elements=chunk_elements)
+    stats = forward_rows(logits, labels, **kw)
+    grad = None
+    if want_grad:
+        scale = torch.as_tensor(grad_scale, dtype=stats.loss.dtype, device=logits.device).reshape(())
+        grad = backward_rows(scale.expand(logits.shape[0]), logits, labels, stats, **kw)
+    return FusedRows(stats.loss, stats.nll, stats.smoothing_entropy, grad)
