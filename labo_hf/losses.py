@@ -513,7 +513,7 @@ def label_regularized_loss_with_stats(
     if validate is None:
         # Checking needs host syncs: free on CPU, a stall per call on a GPU, a graph break under compile.
         validate = logits.device.type == "cpu" and not torch.compiler.is_compiling()
-    if isinstance(logits, Tensor):
+    if isinstance(logits, Tensor) and not torch.compiler.is_compiling():
         _refuse_function_transforms(logits)
     logits2d, labels1d, kept = _flatten_inputs(logits, labels, ignore_index, check_range=validate)
     implementation = _select_implementation(implementation, logits)

@@ -26,7 +26,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
 from .arguments import LabelRegularizationArgumentsMixin
-from .losses import LossStats, label_regularized_loss_with_stats, resolve_hyperparameters
+from .losses import LossStats, check_loss_stats, label_regularized_loss_with_stats, resolve_hyperparameters
 from .model_card import MODEL_CARD_MARKER, model_card_section, model_card_tags
 
 logger = logging.get_logger(__name__)
@@ -264,6 +264,8 @@ class _LABOTrainerMixin:
         if self.accelerator.num_processes > 1:
             values = self.accelerator.reduce(values.to(self.args.device), reduction="sum")
         nll, target_prob, smoothing_entropy, count = values.tolist()
+        # The loss skips its host-syncing input checks on GPUs; an invalid batch left NaN in these sums.
+        check_loss_stats((nll, target_prob, smoothing_entropy, count))
         if count == 0:
             return {}
         means = {"nll": nll / count, "target_prob": target_prob / count}
