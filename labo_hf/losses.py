@@ -457,7 +457,7 @@ def _raise_for_non_finite(logits2d: Tensor, labels: Tensor, kept: Tensor, regula
             "the loss is infinite (LABO gives masked classes no mass)"
         )
     raise ValueError(
-        f"the loss overflows {rows.dtype} for these logits (largest |logit| "
+        f"the loss overflows {str(rows.dtype).removeprefix('torch.')} for these logits (largest |logit| "
         f"{rows.abs().max().item():.3g}); float64 logits are computed in float64"
     )
 

@@ -94,23 +94,26 @@ def forward_rows(
         nt_max = log_st = None
         if mode == 2:
             # Shift by the non-target max, not the row max: when the label's logit dominates,
-            # exp((z_k - max z) / T) would underflow for every other class.
-            t = torch.mul(d, 1.0 / temperature, out=buf_e[:c])
-            t.scatter_(1, y, -math.inf)
-            mt, arg = t.max(dim=-1, keepdim=True)
+            # exp((z_k - max z) / T) would underflow for every other class, and z_k - max z would
+            # absorb the non-target logits' differences (5 - 1e38 == 0 - 1e38 in float32).
+            top, top_idx = x.topk(2, dim=-1)
+            nt_max = torch.where(top_idx[:, :1] == y, top[:, 1:], top[:, :1]).to(ct)
             # No finite non-target logit: nowhere to put the smoothing mass, q = e_y.
-            has_mass = mt > -math.inf
-            t.sub_(torch.where(has_mass, mt, 0.0)).exp_()
+            has_mass = nt_max > -math.inf
+            # d is free once d_y is taken: reuse it for z - nt_max.
+            dn = torch.sub(x, torch.where(has_mass, nt_max, 0.0), out=d)
+            t = torch.mul(dn, 1.0 / temperature, out=buf_e[:c])
+            t.scatter_(1, y, -math.inf).exp_()
             st = t.sum(dim=-1, keepdim=True)
             st_safe = torch.where(has_mass, st, 1.0)
-            # <u*, z - m>. A class masked with -inf has weight exp(-inf) = 0; clamping its -inf
-            # keeps 0 * -inf from turning the sum into NaN (NaN logits still propagate).
-            mean_d = d.clamp_(min=lowest).mul_(t).sum(dim=-1, keepdim=True) / st_safe
-            row_loss = torch.where(has_mass, log_s - (1 - alpha) * d_y - alpha * mean_d, row_nll)
-            # log u*_k = (z_k - m) / T - mt - log st, so H(u*) = mt + log st - <u*, z - m> / T.
-            row_entropy = torch.where(has_mass, mt + st_safe.log() - mean_d / temperature, 0.0)
-            # The exact non-target max in logit units: the backward pass shifts by it.
-            nt_max = torch.where(has_mass, x.gather(1, arg).to(ct), -math.inf)
+            # <u*, z - nt_max> <= 0. A class masked with -inf has weight exp(-inf) = 0; clamping its
+            # -inf keeps 0 * -inf from turning the sum into NaN (NaN logits still propagate).
+            mean_dn = dn.clamp_(min=lowest).mul_(t).sum(dim=-1, keepdim=True) / st_safe
+            # H(u*, p) = lse - <u*, z> = log_s - <u*, z - nt_max> - (nt_max - m).
+            cross = log_s - mean_dn - (nt_max - m)
+            row_loss = torch.where(has_mass, (1 - alpha) * row_nll + alpha * cross, row_nll)
+            # log u*_k = (z_k - nt_max) / T - log st, so H(u*) = log st - <u*, z - nt_max> / T.
+            row_entropy = torch.where(has_mass, st_safe.log() - mean_dn / temperature, 0.0)
             log_st = torch.where(has_mass, st_safe.log(), 0.0)
         elif mode == 1:
             sum_d = d.sum(dim=-1, keepdim=True)
@@ -181,7 +184,7 @@ def backward_rows(
         if mode == 2:
             nt_max = stats.nt_max[start:stop].unsqueeze(1)
             has_mass = nt_max > -math.inf
-            a_row = torch.where(has_mass, alpha, 0.0)
+            a_row = has_mass.to(ct) * alpha  # not where(): its Python scalar would be float32
             # Rows without mass: shift by +inf so that u* = exp(-inf) = 0 without 0 * inf.
             shift = torch.where(has_mass, nt_max, math.inf)
             u = torch.sub(x, shift, out=buf_u[:c]).mul_(inv_t).exp_()
