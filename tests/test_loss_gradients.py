@@ -97,17 +97,22 @@ def test_fp16_gradient_under_grad_scaler_scale(regularizer, implementation):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("regularizer", list(REGULARIZER_KWARGS))
 def test_fp16_gradient_at_scale_one_matches_torch_autocast_error(regularizer, implementation):
-    # At scale 1 entries of size p / N underflow fp16 whoever computes them; torch's autocast
-    # cross_entropy (fp32 math, one cast) sets the bar. Before, the error was 10x torch's.
+    # At scale 1 entries of size p / N underflow fp16 whoever computes them. torch's autocast
+    # cross_entropy (fp32 math, one cast) sets the bar: its error is that of the exact gradient
+    # rounded once. Before, the error was 10x torch's.
     logits, labels = _case(*_shape(implementation))
     x = logits.half()
     kwargs = REGULARIZER_KWARGS[regularizer]
     _, grad = _grad(label_regularized_loss, x, labels, 1.0, implementation=implementation, **kwargs)
     _, ref = _grad(reference_label_regularized_loss, x.double(), labels, 1.0, **kwargs)
-    smoothing = 0.0 if regularizer == "cross_entropy" else 0.1
-    _, torch_grad = _grad(lambda z, y: F.cross_entropy(z.float(), y, label_smoothing=smoothing), x, labels, 1.0)
-    _, torch_ref = _grad(lambda z, y: F.cross_entropy(z, y, label_smoothing=smoothing), x.double(), labels, 1.0)
-    assert _rel_l1(grad, ref) <= 1.05 * _rel_l1(torch_grad, torch_ref)
+    assert _rel_l1(grad, ref) <= 1.05 * _rel_l1(ref.half(), ref)
+    if regularizer != "labo":  # torch has these two: compare with its autocast error directly
+        smoothing = 0.0 if regularizer == "cross_entropy" else 0.1
+        _, torch_grad = _grad(lambda z, y: F.cross_entropy(z.float(), y, label_smoothing=smoothing), x, labels,
+                              1.0)
+        _, torch_ref = _grad(lambda z, y: F.cross_entropy(z, y, label_smoothing=smoothing), x.double(), labels,
+                             1.0)
+        assert _rel_l1(grad, ref) <= 1.05 * _rel_l1(torch_grad, torch_ref)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -125,7 +130,10 @@ def test_bf16_gradient_is_one_rounding_of_the_exact_one(regularizer, grad_output
     p = torch.softmax(z, dim=-1)
     q = reference_target_distribution(z, labels, **kwargs)
     coef = grad_output / int((labels != -100).sum())
-    bound = 2.0**-8 * ref.abs() + 1e-6 * coef * (p + q) * (labels != -100).unsqueeze(1)
+    # The Triton interpreter converts float32 to bf16 by truncation (numpy has no bf16; compiled
+    # kernels round to nearest even): one rounding is then up to a whole ulp.
+    rounding = 2.0**-8 if implementation == "torch" else 2.0**-7
+    bound = rounding * ref.abs() + 1e-6 * coef * (p + q) * (labels != -100).unsqueeze(1)
     assert ((grad.double() - ref).abs() <= bound).all()
 
 
@@ -267,6 +275,7 @@ def test_smallest_temperature_is_exact(implementation):
     torch.testing.assert_close(grad.double(), ref, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("regularizer", list(REGULARIZER_KWARGS))
 def test_float32_logits_near_their_limit(regularizer, implementation):
@@ -286,6 +295,7 @@ def test_float32_logits_near_their_limit(regularizer, implementation):
                                implementation=implementation, **kwargs)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_labo_with_a_label_logit_of_3e38_is_exact(implementation):
     # Non-target logits 0 and 5 below a label at 3e38: z - max z absorbs their difference in
