@@ -95,25 +95,29 @@ def forward_rows(
         if mode == 2:
             # Shift by the non-target max, not the row max: when the label's logit dominates,
             # exp((z_k - max z) / T) would underflow for every other class, and z_k - max z would
-            # absorb the non-target logits' differences (5 - 1e38 == 0 - 1e38 in float32).
-            top, top_idx = x.topk(2, dim=-1)
-            nt_max = torch.where(top_idx[:, :1] == y, top[:, 1:], top[:, :1]).to(ct)
+            # absorb the non-target logits' differences (5 - 1e38 == 0 - 1e38 in float32). The
+            # masked max of d only locates it; its value is read back from the logits, exactly.
+            d.scatter_(1, y, -math.inf)
+            located = d.max(dim=-1, keepdim=True)
+            # All non-target logits -inf: the max may then point at the masked label itself.
+            nt_max = torch.where(located.values > -math.inf, x.gather(1, located.indices).to(ct), -math.inf)
             # No finite non-target logit: nowhere to put the smoothing mass, q = e_y.
             has_mass = nt_max > -math.inf
-            # d is free once d_y is taken: reuse it for z - nt_max.
-            dn = torch.sub(x, torch.where(has_mass, nt_max, 0.0), out=d)
-            t = torch.mul(dn, 1.0 / temperature, out=buf_e[:c])
-            t.scatter_(1, y, -math.inf).exp_()
-            st = t.sum(dim=-1, keepdim=True)
+            # d is free now: t = (z - nt_max) / T in place, the label and -inf classes clamped to the
+            # lowest float so that exp gives 0 and 0 * t stays 0 (NaN logits still propagate).
+            t = torch.sub(x, torch.where(has_mass, nt_max, 0.0), out=d)
+            if temperature != 1.0:
+                t.mul_(1.0 / temperature)
+            t.scatter_(1, y, -math.inf).clamp_(min=lowest)
+            e_t = torch.exp(t, out=buf_e[:c])
+            st = e_t.sum(dim=-1, keepdim=True)
             st_safe = torch.where(has_mass, st, 1.0)
-            # <u*, z - nt_max> <= 0. A class masked with -inf has weight exp(-inf) = 0; clamping its
-            # -inf keeps 0 * -inf from turning the sum into NaN (NaN logits still propagate).
-            mean_dn = dn.clamp_(min=lowest).mul_(t).sum(dim=-1, keepdim=True) / st_safe
-            # H(u*, p) = lse - <u*, z> = log_s - <u*, z - nt_max> - (nt_max - m).
-            cross = log_s - mean_dn - (nt_max - m)
+            mean_t = e_t.mul_(t).sum(dim=-1, keepdim=True) / st_safe  # <u*, (z - nt_max) / T> <= 0
+            # H(u*, p) = lse - <u*, z> = log_s - T <u*, (z - nt_max) / T> - (nt_max - m).
+            cross = log_s - temperature * mean_t - (nt_max - m)
             row_loss = torch.where(has_mass, (1 - alpha) * row_nll + alpha * cross, row_nll)
-            # log u*_k = (z_k - nt_max) / T - log st, so H(u*) = log st - <u*, z - nt_max> / T.
-            row_entropy = torch.where(has_mass, st_safe.log() - mean_dn / temperature, 0.0)
+            # log u*_k = (z_k - nt_max) / T - log st, so H(u*) = log st - <u*, (z - nt_max) / T>.
+            row_entropy = torch.where(has_mass, st_safe.log() - mean_t, 0.0)
             log_st = torch.where(has_mass, st_safe.log(), 0.0)
         elif mode == 1:
             sum_d = d.sum(dim=-1, keepdim=True)
@@ -187,7 +191,10 @@ def backward_rows(
             a_row = has_mass.to(ct) * alpha  # not where(): its Python scalar would be float32
             # Rows without mass: shift by +inf so that u* = exp(-inf) = 0 without 0 * inf.
             shift = torch.where(has_mass, nt_max, math.inf)
-            u = torch.sub(x, shift, out=buf_u[:c]).mul_(inv_t).exp_()
+            u = torch.sub(x, shift, out=buf_u[:c])
+            if inv_t != 1.0:
+                u.mul_(inv_t)
+            u.exp_()
             u_coef = torch.where(has_mass, cf * alpha * torch.exp(-stats.log_sum_t[start:stop].unsqueeze(1)), 0.0)
             g.addcmul_(u, -u_coef)
             q_y = 1.0 - a_row
