@@ -1,10 +1,8 @@
 """Chunked pure-torch implementation of the per-row kernels (any device, every float dtype).
 
 The rows are processed in chunks of about ``chunk_elements`` logits, so that the float32 work
-buffers stay a few chunks whatever N is. Each chunk runs a dozen whole-chunk torch ops: on a CPU
-shared with other processes every op is an OpenMP fork/join that may wait for a time slice, so
-few large chunks are much more robust than cache-sized ones (measured 2.2 s vs 14-39 s for
-4096 x 32000 on a loaded 2-core machine, bench/results/README.md, section 1).
+buffers stay a few chunks whatever N is, and on CPU by one single-threaded worker per thread
+(``_run_chunks``).
 
 Nothing here synchronises with the host on CUDA except where noted; problems (labels out of range,
 non-finite logits) show up as NaN or inf in the per-row results.
@@ -13,6 +11,7 @@ non-finite logits) show up as NaN or inf in the per-row results.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -21,8 +20,42 @@ from labo_hf.kernels import MODES, FusedRows, RowStats
 
 __all__ = ["CHUNK_ELEMENTS", "backward_rows", "compute_dtype", "forward_rows", "fused_rows"]
 
-# Elements per work buffer (32 MiB in float32; two or three buffers at most).
-CHUNK_ELEMENTS = 1 << 23
+# Elements per work buffer (4 MiB in float32; two per worker): small enough that the dozen passes
+# over a chunk mostly hit the cache.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _run_chunks(n: int, step: int, device: torch.device, body, make_buffers) -> None:
+    """Run ``body(start, stop, buffers)`` over the row chunks [start, stop) of N rows.
+
+    On a CPU with several threads, the chunks go to one Python worker per thread, each running its
+    ops with intra-op parallelism off: every whole-chunk op would otherwise be an OpenMP fork/join,
+    and on a CPU shared with other processes each join waits for a descheduled thread (measured
+    14-39 s instead of 2.2 s for 4096 x 32000, bench/results/README.md, section 1). The ops release
+    the GIL, so the workers run in parallel; their chunks are disjoint, so are their writes.
+    """
+    starts = list(range(0, n, step))
+    workers = min(torch.get_num_threads(), len(starts)) if device.type == "cpu" else 1
+    if workers <= 1:
+        buffers = make_buffers()
+        for start in starts:
+            body(start, min(start + step, n), buffers)
+        return
+
+    def run_group(first: int) -> None:
+        buffers = make_buffers()
+        for start in starts[first::workers]:
+            body(start, min(start + step, n), buffers)
+
+    threads = torch.get_num_threads()
+    # Process-wide setting, restored below; the calling thread only waits meanwhile.
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for future in [pool.submit(run_group, w) for w in range(workers)]:
+                future.result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,6 +99,7 @@ def forward_rows(
     Returns:
         RowStats, every field (N,) in ``compute_dtype(logits.dtype)``.
     """
+    logits = logits.detach()  # worker threads do not inherit the caller's autograd state
     n, num_classes = logits.shape
     ct = compute_dtype(logits.dtype)
     device = logits.device
@@ -74,11 +108,13 @@ def forward_rows(
     out = RowStats(*(torch.zeros(n, dtype=ct, device=device) for _ in RowStats._fields))
     step = max(1, chunk_elements // num_classes)
     rows = min(step, n)
-    buf_d = torch.empty(rows, num_classes, dtype=ct, device=device)
-    buf_e = torch.empty_like(buf_d)
     lowest = torch.finfo(ct).min
-    for start in range(0, n, step):
-        stop = min(start + step, n)
+
+    def buffers():
+        return tuple(torch.empty(rows, num_classes, dtype=ct, device=device) for _ in range(2))
+
+    def chunk(start, stop, bufs):
+        buf_d, buf_e = bufs
         c = stop - start
         x = logits[start:stop]
         y = safe[start:stop].unsqueeze(1)
@@ -133,6 +169,8 @@ def forward_rows(
             fields += [(out.nt_max, nt_max), (out.log_sum_t, log_st)]
         for dest, value in fields:
             dest[start:stop] = (torch.where(keep, value, 0.0) + poison).squeeze(1)
+
+    _run_chunks(n, step, device, chunk, buffers)
     return out
 
 
@@ -160,6 +198,7 @@ def backward_rows(
         a large ``grad_rows`` (a loss scale) lifts small entries before the rounding. Zero rows for
         ignored rows, NaN rows for poisoned ones.
     """
+    logits, grad_rows = logits.detach(), grad_rows.detach()
     n, num_classes = logits.shape
     ct = compute_dtype(logits.dtype)
     device = logits.device
@@ -170,11 +209,15 @@ def backward_rows(
     step = max(1, chunk_elements // num_classes)
     rows = min(step, n)
     in_place = logits.dtype == ct
-    buf_g = None if in_place else torch.empty(rows, num_classes, dtype=ct, device=device)
-    buf_u = torch.empty(rows, num_classes, dtype=ct, device=device) if mode == 2 else None
     inv_t = 1.0 / temperature if mode == 2 else 1.0
-    for start in range(0, n, step):
-        stop = min(start + step, n)
+
+    def buffers():
+        buf_g = None if in_place else torch.empty(rows, num_classes, dtype=ct, device=device)
+        buf_u = torch.empty(rows, num_classes, dtype=ct, device=device) if mode == 2 else None
+        return buf_g, buf_u
+
+    def chunk(start, stop, bufs):
+        buf_g, buf_u = bufs
         c = stop - start
         x = logits[start:stop]
         y = safe[start:stop].unsqueeze(1)
@@ -210,6 +253,8 @@ def backward_rows(
         _mask_ignored_rows(g, keep)
         if not in_place:
             grad[start:stop].copy_(g)
+
+    _run_chunks(n, step, device, chunk, buffers)
     return grad
 
 
