@@ -1,6 +1,7 @@
 """The loss functions against hand-computed cases, scipy, torch and the reference path.
 
-Covers every check of the method spec, section 6.
+Covers the properties docs/method.md states: the closed form u* and its limits (section 3), the
+gradient p - q and the reduction (section 4), and torch's label-smoothing convention (section 6).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def test_stats_hand_computed():
     assert ce_stats.smoothing_entropy_sum.item() == 0.0
 
 
-# --- spec section 6 ------------------------------------------------------------------------
+# --- docs/method.md, sections 3, 4 and 6 ----------------------------------------------------
 
 @pytest.mark.parametrize("regularizer", ["labo", "label_smoothing"])
 def test_alpha_zero_is_cross_entropy(regularizer):
