@@ -463,3 +463,25 @@ def test_self_check_passes_for_the_real_triton_kernels(monkeypatch):
     for regularizer, kwargs in REGULARIZER_KWARGS.items():
         hyper = losses.resolve_hyperparameters(regularizer, kwargs.get("alpha"), kwargs.get("temperature"))
         assert losses._probe_triton(torch.device("cpu"), torch.bfloat16, regularizer, *hyper) is None
+
+
+def test_trainer_raises_the_lazy_error_at_its_logging_step(tmp_path):
+    # On a GPU the Trainer's loss does not validate eagerly: an invalid batch leaves NaN in the
+    # running statistics, and the next training log (a host sync anyway) raises the ValueError.
+    from conftest import TASKS, collate, common_args
+    from transformers import TrainingArguments
+
+    from labo_hf.trainer import LABOTrainer
+
+    trainer = LABOTrainer(model=TASKS["vit"].make_model(), args=TrainingArguments(**common_args(str(tmp_path))),
+                          data_collator=collate)
+    _, good = label_regularized_loss_with_stats(torch.randn(2, 3), torch.tensor([0, 2]), validate=False)
+    trainer._labo_record(good, "train")
+    logs = {"loss": 1.0}
+    trainer.log(logs)
+    assert logs["nll"] == pytest.approx(good.nll_sum.item() / 2)
+    _, bad = label_regularized_loss_with_stats(torch.randn(2, 3), torch.tensor([0, 7]), validate=False)
+    trainer._labo_record(good, "train")
+    trainer._labo_record(bad, "train")
+    with pytest.raises(ValueError, match="invalid inputs.*validate=True"):
+        trainer.log({"loss": 1.0})
