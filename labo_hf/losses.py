@@ -377,6 +377,8 @@ def _rows_setup_context(ctx, inputs, output):
 
 
 def _rows_backward(ctx, grad_loss, *unused):
+    if grad_loss is None:
+        return (None,) * (2 + len(ctx.config))
     logits, labels, row_max, log_sum, nt_max, log_sum_t = ctx.saved_tensors
     grad = _rows_backward_op(grad_loss, logits, labels, row_max, log_sum, nt_max, log_sum_t, *ctx.config)
     return (grad,) + (None,) * (1 + len(ctx.config))
@@ -527,8 +529,8 @@ def label_regularized_loss_with_stats(
         _raise_for_non_finite(logits2d.detach(), labels1d, kept, regularizer)
     loss = row_loss.sum() * scale
     with torch.no_grad():
-        # A non-finite row (an invalid input not checked eagerly) poisons the count: 0 * inf = NaN.
-        poison = poison + row_loss.detach().sum() * 0.0
+        # A non-finite row (an invalid input not checked eagerly) poisons the count.
+        poison = poison + torch.where(torch.isfinite(row_loss).all(), 0.0, math.nan)
         stats = LossStats(
             nll_sum=nll.sum(),
             target_prob_sum=torch.where(kept, torch.exp(-nll), 0.0).sum(),
