@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry_run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     p.add_argument("--out_dir", type=Path, default=RESULTS_DIR / "gpu")
-    p.add_argument("--n", type=int, default=None, help="rows for correctness and timing")
+    p.add_argument("--n", type=int, default=None, help="rows for timing")
+    p.add_argument("--check_n", type=int, default=None, help="rows for the correctness cases")
     p.add_argument("--vocab", type=int, nargs="+", default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--sweep", action="store_true", help="also time alternative (BLOCK, num_warps) launches")
@@ -49,9 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--hbm_gbps", type=float, default=None)
     args = p.parse_args(argv)
     if args.dry_run:
-        defaults = dict(n=12, vocab=[37, 61, 130], repeats=1)
+        defaults = dict(n=12, check_n=12, vocab=[37, 61, 130], repeats=1)
     else:
-        defaults = dict(n=8192, vocab=[32000, 58101, 128256], repeats=10)
+        defaults = dict(n=8192, check_n=1024, vocab=[32000, 58101, 128256], repeats=10)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -59,14 +60,15 @@ def parse_args(argv=None):
 
 
 def make_case(n, k, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, k, generator=g) * 4
-    labels = torch.randint(0, k, (n,), generator=g)
+    # Generated on the device: a (8192, 128256) randn on the host would take seconds per case.
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(n, k, generator=g, device=device) * 4
+    labels = torch.randint(0, k, (n,), generator=g, device=device)
     labels[::7] = -100
     logits[1, : k // 3] = float("-inf")  # masked classes (fine for labo and ce; LS gives +inf, not used there)
     labels[1] = k - 1  # not a masked class
-    logits[2] = (torch.rand(k, generator=g) * 2 - 1) * 1e4  # extreme but finite logits
-    return logits.to(device=device, dtype=dtype), labels.to(device)
+    logits[2] = (torch.rand(k, generator=g, device=device) * 2 - 1) * 1e4  # extreme but finite logits
+    return logits.to(dtype), labels
 
 
 def loss_and_grad(logits, labels, grad_output, **kwargs):
@@ -84,7 +86,7 @@ def check_correctness(args, device, records):
     for k in args.vocab:
         for dname, dtype in DTYPES.items():
             for reg, kw in KWARGS.items():
-                logits, labels = make_case(args.n, k, dtype, device, seed=k)
+                logits, labels = make_case(args.check_n, k, dtype, device, seed=k)
                 if reg == "label_smoothing":
                     logits[1] = 0.0  # LS has an infinite loss with -inf logits
                 for go in (1.0, 65536.0):
@@ -95,7 +97,7 @@ def check_correctness(args, device, records):
                     finite = bool(torch.isfinite(gt).all())
                     passed = finite and loss_rel < 1e-5 and rel_l1 < GRAD_TOL[dname]
                     ok &= passed
-                    records.append(dict(section="correctness", V=k, N=args.n, dtype=dname, regularizer=reg,
+                    records.append(dict(section="correctness", V=k, N=args.check_n, dtype=dname, regularizer=reg,
                                         grad_output=go, loss_rel_diff=loss_rel, grad_rel_l1=rel_l1,
                                         grad_finite=finite, passed=passed))
                     print(f"  K={k:6d} {dname} {reg:15s} go={go:7.0f}: loss rel {loss_rel:.1e} "

@@ -23,6 +23,14 @@ __all__ = ["CHUNK_ELEMENTS", "backward_rows", "compute_dtype", "forward_rows", "
 # Elements per work buffer (4 MiB in float32; two per worker): small enough that the dozen passes
 # over a chunk mostly hit the cache.
 CHUNK_ELEMENTS = 1 << 20
+# On a GPU each op of a chunk is a kernel launch: larger chunks (64 MiB buffers) keep them few.
+GPU_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunk_rows(chunk_elements: int, num_classes: int, device: torch.device) -> int:
+    if device.type != "cpu":
+        chunk_elements = max(chunk_elements, GPU_CHUNK_ELEMENTS)
+    return max(1, chunk_elements // num_classes)
 
 
 def _run_chunks(n: int, step: int, device: torch.device, body, make_buffers) -> None:
@@ -106,7 +114,7 @@ def forward_rows(
     mode = MODES[regularizer]
     kept, bad, safe = _label_masks(labels, num_classes, ignore_index)
     out = RowStats(*(torch.zeros(n, dtype=ct, device=device) for _ in RowStats._fields))
-    step = max(1, chunk_elements // num_classes)
+    step = _chunk_rows(chunk_elements, num_classes, device)
     rows = min(step, n)
     lowest = torch.finfo(ct).min
 
@@ -206,7 +214,7 @@ def backward_rows(
     kept, bad, safe = _label_masks(labels, num_classes, ignore_index)
     coef = torch.where(kept, grad_rows.to(device=device, dtype=ct), 0.0) + torch.where(bad, math.nan, 0.0)
     grad = torch.empty((n, num_classes), dtype=logits.dtype, device=device)
-    step = max(1, chunk_elements // num_classes)
+    step = _chunk_rows(chunk_elements, num_classes, device)
     rows = min(step, n)
     in_place = logits.dtype == ct
     inv_t = 1.0 / temperature if mode == 2 else 1.0
