@@ -485,3 +485,19 @@ def test_trainer_raises_the_lazy_error_at_its_logging_step(tmp_path):
     trainer._labo_record(bad, "train")
     with pytest.raises(ValueError, match="invalid inputs.*validate=True"):
         trainer.log({"loss": 1.0})
+
+
+def test_kernels_layer_imports_neither_losses_nor_transformers():
+    # Dependencies run one way: kernels -> losses -> trainer -> scripts.
+    import ast
+
+    for path in sorted((ROOT / "labo_hf" / "kernels").glob("*.py")) + [ROOT / "labo_hf" / "losses.py"]:
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add("." * node.level + (node.module or ""))
+        assert not any(name.startswith("transformers") for name in imported), path
+        if path.parent.name == "kernels":
+            assert not any("losses" in name or "trainer" in name for name in imported), (path, imported)

@@ -25,6 +25,7 @@ __all__ = ["CHUNK_ELEMENTS", "backward_rows", "compute_dtype", "forward_rows", "
 CHUNK_ELEMENTS = 1 << 20
 # On a GPU each op of a chunk is a kernel launch: larger chunks (64 MiB buffers) keep them few.
 GPU_CHUNK_ELEMENTS = 1 << 24
+_MAX_WORKERS = 8
 
 
 def _chunk_rows(chunk_elements: int, num_classes: int, device: torch.device) -> int:
@@ -43,7 +44,8 @@ def _run_chunks(n: int, step: int, device: torch.device, body, make_buffers) -> 
     the GIL, so the workers run in parallel; their chunks are disjoint, so are their writes.
     """
     starts = list(range(0, n, step))
-    workers = min(torch.get_num_threads(), len(starts)) if device.type == "cpu" else 1
+    # At most 8 workers: the passes are memory-bound, and each worker holds its own buffers.
+    workers = min(torch.get_num_threads(), len(starts), _MAX_WORKERS) if device.type == "cpu" else 1
     if workers <= 1:
         buffers = make_buffers()
         for start in starts:
