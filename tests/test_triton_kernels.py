@@ -1,4 +1,4 @@
-"""Tests for the fused Triton loss/gradient kernel (labo_hf/triton_kernels.py).
+"""Tests for the fused Triton kernels (labo_hf/kernels/triton_rows.py, through the labo_hf/triton_kernels.py shim).
 
 Interpreter tests run the kernel on CPU tensors through the Triton interpreter on small
 shapes with a small block, so that K is never a multiple of the block. Triton fixes its mode
