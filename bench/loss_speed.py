@@ -4,8 +4,10 @@ CPU default: float32 logits of shape (4096, 32000).
 GPU default: bfloat16 logits, N=8192, V in {32000, 58101, 128256}, plus implementation="triton"
 and liger-kernel's fused cross-entropy (if importable), with the HBM roofline printed.
 
-Every ratio is against torch's F.cross_entropy(label_smoothing=alpha) measured in the same run,
-with the methods interleaved round by round so that load from other processes hits all alike.
+Every ratio is against torch's F.cross_entropy(label_smoothing=alpha) called on the logits in their
+own dtype (`torch_ls`: bf16 on the GPU preset, what a bf16 model's loss does; the fp32-upcast call is
+also timed, as `torch_ls_fp32`, when the dtype is not fp32), measured in the same run, with the
+methods interleaved round by round so that load from other processes hits all alike.
 
 Peak memory:
 * CUDA: torch.cuda.max_memory_allocated() minus the bytes allocated before the call.
@@ -117,13 +119,14 @@ def build_methods(args, device: torch.device):
 
     a, t = args.alpha, args.temperature
     methods = {}
-    # Baseline: what `TrainingArguments(label_smoothing_factor=...)` and most code do, in fp32.
-    methods["torch_ls_fp32"] = ("torch F.cross_entropy(label_smoothing), fp32 upcast",
-                                lambda z, y: F.cross_entropy(z.float(), y, label_smoothing=a))
+    # Baseline: torch's own call on the logits as they come (native bf16 on a GPU), the cheapest
+    # thing a user could run instead; the fp32 upcast is slower and is not the bar.
+    methods["torch_ls"] = (f"torch F.cross_entropy(label_smoothing), {args.dtype}",
+                           lambda z, y: F.cross_entropy(z, y, label_smoothing=a))
     if args.dtype != "fp32":
-        methods["torch_ls_native"] = (f"torch F.cross_entropy(label_smoothing), {args.dtype}",
-                                      lambda z, y: F.cross_entropy(z, y, label_smoothing=a))
-    methods["torch_ce_fp32"] = ("torch F.cross_entropy, fp32 upcast", lambda z, y: F.cross_entropy(z.float(), y))
+        methods["torch_ls_fp32"] = ("torch F.cross_entropy(label_smoothing), fp32 upcast",
+                                    lambda z, y: F.cross_entropy(z.float(), y, label_smoothing=a))
+    methods["torch_ce"] = (f"torch F.cross_entropy, {args.dtype}", lambda z, y: F.cross_entropy(z, y))
 
     impls = ["torch"]
     if device.type == "cuda":
@@ -157,14 +160,17 @@ def build_methods(args, device: torch.device):
             from liger_kernel.transformers import LigerCrossEntropyLoss
 
             liger = LigerCrossEntropyLoss(label_smoothing=a)
-            methods["liger_ls"] = ("liger-kernel LigerCrossEntropyLoss(label_smoothing)", lambda z, y: liger(z, y))
+            # Liger writes its gradient into the logits it is given: hand it a clone, as a caller
+            # that still needs its logits must (the clone is part of its cost).
+            methods["liger_ls"] = ("liger-kernel LigerCrossEntropyLoss(label_smoothing), on a clone",
+                                   lambda z, y: liger(z.clone(), y))
         except ImportError:
             print("liger-kernel not importable: skipping it")
     if args.methods:
         unknown = set(args.methods) - set(methods)
         if unknown:
             raise SystemExit(f"unknown/unavailable methods {sorted(unknown)}; available: {sorted(methods)}")
-        methods = {k: v for k, v in methods.items() if k in args.methods or k == "torch_ls_fp32"}
+        methods = {k: v for k, v in methods.items() if k in args.methods or k == "torch_ls"}
     return methods
 
 
@@ -326,7 +332,7 @@ def main(argv=None):
         times = time_methods(methods, logits, labels, args, device)
         bytes_io = logits.numel() * logits.element_size() * 2  # read logits once + write the gradient once
         bound_ms = bytes_io / (gbps * 1e9) * 1e3 if gbps else None
-        base_t = statistics.median(times["torch_ls_fp32"])
+        base_t = statistics.median(times["torch_ls"])
         rows = {}
         for name, (desc, fn) in methods.items():
             t_med = statistics.median(times[name])
@@ -343,8 +349,8 @@ def main(argv=None):
         if args.rss and device.type == "cpu":
             for name in methods:
                 rows[name]["rss_peak_bytes"] = peak_bytes_rss(name, v, args)
-        base_peak = rows["torch_ls_fp32"]["peak_bytes"]
-        base_rss = rows["torch_ls_fp32"].get("rss_peak_bytes")
+        base_peak = rows["torch_ls"]["peak_bytes"]
+        base_rss = rows["torch_ls"].get("rss_peak_bytes")
         for r in rows.values():
             r["mem_ratio_vs_torch_ls"] = r["peak_bytes"] / base_peak if base_peak else None
             if base_rss and r.get("rss_peak_bytes") is not None:
@@ -353,7 +359,7 @@ def main(argv=None):
                 r["fraction_of_hbm_bound"] = bound_ms / r["time_ms"]
             r["machine"] = info
             records.append(r)
-        print(f"\nV={v}: logits {rows['torch_ls_fp32']['logits_bytes'] / 2**20:.0f} MiB"
+        print(f"\nV={v}: logits {rows['torch_ls']['logits_bytes'] / 2**20:.0f} MiB"
               + (f"; HBM bound {bound_ms:.3f} ms at {gbps} GB/s ({gbps_src})" if bound_ms else ""))
         print(f"  {'method':18s} {'ms':>9s} {'x torchLS':>9s} {'peak MiB':>9s} {'x torchLS':>9s}"
               + (f" {'rss MiB':>8s} {'x':>6s}" if args.rss and device.type == "cpu" else ""))
@@ -365,8 +371,8 @@ def main(argv=None):
             print(line)
         if "labo_torch" in rows:
             lt, lm = rows["labo_torch"]["time_ratio_vs_torch_ls"], rows["labo_torch"]["mem_ratio_vs_torch_ls"]
-            verdict = "MET" if lt <= 1.5 and lm <= 1.1 else "NOT MET"
-            print(f"  done-criterion (LABO time <= 1.5x, peak memory <= 1.1x of torch LS): {verdict} "
+            verdict = "MET" if lt <= 1.0 and lm <= 0.5 else "NOT MET"
+            print(f"  done-criterion (LABO time <= 1.0x, peak memory <= 0.5x of torch LS): {verdict} "
                   f"(time {lt:.2f}x, memory {lm:.2f}x)")
 
     write_results(records, args, info)
@@ -381,7 +387,7 @@ def write_results(records, args, info):
              f"Forward+backward of one scalar loss over logits (N={args.n}, V), dtype {args.dtype}, "
              f"alpha={args.alpha}, LABO T={args.temperature}; median of {args.repeats} interleaved rounds "
              f"after {args.warmup} warm-up calls. Ratios are to torch F.cross_entropy(label_smoothing) "
-             "in fp32 measured in the same run. Peak memory excludes the logits and includes their gradient.", ""]
+             f"on {args.dtype} logits (torch's native call, no upcast) measured in the same run. Peak memory excludes the logits and includes their gradient.", ""]
     has_rss = any(r.get("rss_peak_bytes") is not None for r in records)
     has_bound = any(r.get("hbm_bound_ms") for r in records)
     header = ["V", "method", "ms", "× torch LS", "peak MiB", "× torch LS"]

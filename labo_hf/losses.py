@@ -9,30 +9,48 @@ and its loss is the cross-entropy H(q, p) with p = softmax(logits). They differ 
 - ``"cross_entropy"``: alpha = 0 (no u).
 - ``"label_smoothing"``: u uniform over all K classes (torch's ``label_smoothing`` convention).
 - ``"labo"``: u = u*, the softmax of ``logits / temperature`` over the non-target classes
-  (the closed-form solution of LABO's inner problem; see ``docs/method.md``).
+  (the closed-form solution of LABO's inner problem; see ``docs/method.md``, section 3).
 
 The loss is reduced as the sum over kept positions (labels != ignore_index) divided by
 ``num_items_in_batch`` when given (the count over the whole accumulated, all-process batch)
 and by the local kept count otherwise.
 
-This module imports nothing from transformers: the Trainer subclasses only glue it in.
+Layering: the per-row math lives in ``labo_hf.kernels`` (one module per implementation); this
+module validates the arguments, dispatches, reduces, and owns the autograd op. It imports nothing
+from transformers: the Trainer subclasses only glue it in.
+
+Autograd contract (docs/method.md, section 4): the forward pass keeps a few per-row statistics,
+the backward pass recomputes ``p - q`` from the logits in float32 and multiplies it by the upstream
+gradient before rounding once to the logits' dtype (exact under fp16 loss scaling). The ops are
+registered with ``torch.library`` so that ``torch.compile(fullgraph=True)`` traces them.
+Second derivatives are not supported (a clear error; ``labo_hf.reference`` is twice
+differentiable), nor are ``torch.func`` transforms (a clear error).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import warnings
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from labo_hf.kernels import FusedRows, RowStats
+from labo_hf.kernels import torch_rows as _torch_rows
+from labo_hf.kernels.torch_rows import compute_dtype as _compute_dtype
+
 __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_TEMPERATURE",
     "IMPLEMENTATIONS",
+    "MIN_TEMPERATURE",
     "REGULARIZERS",
     "FusedRows",
     "LossStats",
+    "check_loss_stats",
     "label_regularized_loss",
     "label_regularized_loss_with_stats",
     "labo_target",
@@ -43,19 +61,23 @@ REGULARIZERS = ("labo", "label_smoothing", "cross_entropy")
 IMPLEMENTATIONS = ("auto", "torch", "triton")
 DEFAULT_ALPHA = 0.1
 DEFAULT_TEMPERATURE = 2.0
+# Below this, 1 / T and the tempered logits leave float32's range (1e-39 is not even a normal
+# float32), and u* is the one-hot of the top non-target class to within float32 anyway.
+MIN_TEMPERATURE = 1e-30
 
-# Elements per f32 work buffer in the chunked path (32 MiB; three buffers at most). Each chunk runs
-# about a dozen kernels, each an OpenMP fork/join: on a CPU shared with other processes every join
-# can wait for a time slice, so few large chunks (16 for 4096 x 32000) are much more robust than
-# cache-sized ones (measured 2.2 s vs 14-39 s for 4096 x 32000 on a loaded 2-core machine), at
-# ~20% more time on an idle single thread.
-_CHUNK_ELEMENTS = 1 << 23
+# Elements per work buffer of the chunked torch path; read at each call (tests shrink it).
+_CHUNK_ELEMENTS = _torch_rows.CHUNK_ELEMENTS
+# Whether triton is installed, decided once: a lookup inside a traced function would break graphs.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 class LossStats(NamedTuple):
-    """Sums over the kept positions of one call, for logging (all 0-dim float32, detached).
+    """Sums over the kept positions of one call, for logging (0-dim, detached; float32, or float64
+    for float64 logits).
 
-    Sums rather than means so that they add up across steps, micro-batches and processes.
+    Sums rather than means so that they add up across steps, micro-batches and processes. A call
+    whose inputs were invalid but not checked eagerly (``validate=False``) leaves NaN in
+    ``num_kept``; ``check_loss_stats`` turns that into the ValueError.
     """
 
     nll_sum: Tensor
@@ -65,21 +87,7 @@ class LossStats(NamedTuple):
     smoothing_entropy_sum: Tensor
     """Sum of H(u): u* for labo, log K for label_smoothing, 0 for cross_entropy (no u)."""
     num_kept: Tensor
-    """Number of kept positions (labels != ignore_index)."""
-
-
-class FusedRows(NamedTuple):
-    """Per-row results of a fused loss-and-gradient kernel, for N rows of K logits."""
-
-    loss: Tensor
-    """(N,) float32: H(q, p) per row; 0 for ignored rows."""
-    nll: Tensor
-    """(N,) float32: -log p_y per row; 0 for ignored rows."""
-    smoothing_entropy: Tensor
-    """(N,) float32: H(u) per row (see LossStats); 0 for ignored rows."""
-    grad: Tensor | None
-    """(N, K) in the logits' dtype: grad_scale * (p - q), zero rows for ignored rows; None when
-    no gradient was asked for."""
+    """Number of kept positions (labels != ignore_index); NaN if the call was invalid."""
 
 
 def resolve_hyperparameters(
@@ -118,11 +126,20 @@ def resolve_hyperparameters(
         raise ValueError(f"temperature must be a positive number, got {resolved_t!r}")
     if not (math.isfinite(resolved_t) and resolved_t > 0):
         raise ValueError(f"temperature must be finite and > 0, got {resolved_t!r}")
+    if resolved_t < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature={resolved_t!r} is below {MIN_TEMPERATURE:g}: float32 cannot represent the "
+            "tempered logits; at such temperatures u* is the one-hot of the top non-target class, so "
+            f"temperature={MIN_TEMPERATURE:g} gives the same target"
+        )
     return float(resolved_alpha), float(resolved_t)
 
 
-def _flatten_inputs(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Check shapes and label range; return logits (N, K), labels (N,) int64 and kept (N,) bool."""
+def _flatten_inputs(
+    logits: Tensor, labels: Tensor, ignore_index: int, *, check_range: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Check shapes (and the label range, a host sync, if asked); return logits (N, K), labels (N,)
+    int64 and kept (N,) bool."""
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise ValueError("logits must be a floating-point tensor of shape (..., K)")
     if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex():
@@ -140,18 +157,19 @@ def _flatten_inputs(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[
     logits2d = logits.reshape(-1, num_classes)
     labels1d = labels.reshape(-1).long()
     kept = labels1d != ignore_index
-    out_of_range = kept & ((labels1d < 0) | (labels1d >= num_classes))
-    if bool(out_of_range.any()):
-        bad = labels1d[out_of_range][:5].tolist()
-        raise ValueError(
-            f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {bad}"
-        )
+    if check_range:
+        out_of_range = kept & ((labels1d < 0) | (labels1d >= num_classes))
+        if bool(out_of_range.any()):
+            bad = labels1d[out_of_range][:5].tolist()
+            raise ValueError(
+                f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {bad}"
+            )
     return logits2d, labels1d, kept
 
 
 def labo_target(logits: Tensor, labels: Tensor, *, temperature: float = DEFAULT_TEMPERATURE,
                 ignore_index: int = -100) -> Tensor:
-    """LABO's optimal smoothing distribution u* (spec section 3), for inspection and plots.
+    """LABO's optimal smoothing distribution u* (docs/method.md, section 3), for inspection and plots.
 
     Args:
         logits: (..., K) any float dtype; treated as constants.
@@ -184,220 +202,250 @@ def _labo_smoothing(z: Tensor, target: Tensor, temperature: float) -> tuple[Tens
     return torch.where(has_mass, log_u.exp(), 0.0), log_u
 
 
-def _exact_rows(
-    x: Tensor, y: Tensor, *, regularizer: str, alpha: float, temperature: float | None, want_grad: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Straightforward per-row H(q, p), -log p_y, H(u) and p - q for kept rows x (M, K) f32.
-
-    Used by the chunked path only for the rare rows it cannot do with shifted exponentials.
-    """
-    logp = torch.log_softmax(x, dim=-1)
-    onehot = torch.zeros_like(x, dtype=torch.bool).scatter_(1, y.unsqueeze(1), True)
-    nll = -logp.gather(1, y.unsqueeze(1)).squeeze(1)
-    if regularizer == "labo":
-        u, log_u = _labo_smoothing(x, onehot, temperature)
-        entropy = -torch.where(u > 0, u * log_u, 0.0).sum(-1)
-        # With no finite non-target logit the smoothing mass returns to the label: q = e_y.
-        a = torch.where(u.sum(dim=-1, keepdim=True) > 0, alpha, 0.0)
-        q = (1 - a) * onehot + a * u
-    elif regularizer == "label_smoothing":
-        num_classes = x.shape[-1]
-        q = (1 - alpha) * onehot + alpha / num_classes
-        entropy = torch.full_like(nll, math.log(num_classes))
-    else:
-        q = onehot.float()
-        entropy = torch.zeros_like(nll)
-    loss = -torch.where(q > 0, q * logp, 0.0).sum(-1)
-    grad = logp.exp() - q if want_grad else None
-    return loss, nll, entropy, grad
+def torch_fused_rows(logits: Tensor, labels: Tensor, **kwargs) -> FusedRows:
+    """The chunked torch implementation's forward and backward in one call (``kernels.torch_rows``)."""
+    kwargs.setdefault("chunk_elements", _CHUNK_ELEMENTS)
+    return _torch_rows.fused_rows(logits, labels, **kwargs)
 
 
-def _chunk_rows(num_classes: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // num_classes)
+# ---- implementation choice and the Triton self-check -------------------------------------------
+
+# (device, regularizer, dtype) -> whether the Triton kernels passed their first-use probe there.
+_TRITON_SELF_CHECK: dict[tuple[str, str, torch.dtype], bool] = {}
 
 
-def torch_fused_rows(
-    logits: Tensor,
-    labels: Tensor,
-    *,
-    regularizer: str,
-    alpha: float,
-    temperature: float | None,
-    ignore_index: int,
-    grad_scale: float | Tensor,
-    want_grad: bool = True,
-) -> FusedRows:
-    """Per-row loss, statistics and scaled gradient in one chunked pass, pure torch.
+def _load_triton_rows():
+    from labo_hf.kernels import triton_rows
 
-    Args:
-        logits: (N, K) bf16, fp16 or fp32; read in chunks of rows, computed in float32.
-        labels: (N,) int64, in [0, K) or ``ignore_index`` (already checked).
-        regularizer, alpha, temperature: as returned by ``resolve_hyperparameters``.
-        grad_scale: 1 / the reduction's denominator, folded into the gradient.
-        want_grad: False skips the (N, K) gradient (evaluation).
-
-    Returns:
-        FusedRows. Only the (N, K) gradient outlives the call: the float32 work buffers are a
-        few chunks of rows, so backward keeps no (N, K) float32 intermediates.
-    """
-    n, num_classes = logits.shape
-    device = logits.device
-    kept = labels != ignore_index
-    has_ignored = bool((~kept).any())
-    safe_labels = torch.where(kept, labels, 0)
-    loss = torch.zeros(n, dtype=torch.float32, device=device)
-    nll = torch.zeros_like(loss)
-    entropy = torch.zeros_like(loss)
-    grad = torch.empty_like(logits) if want_grad else None
-    step = _chunk_rows(num_classes)
-    rows = min(step, n)
-    shifted = torch.empty(rows, num_classes, dtype=torch.float32, device=device)
-    probs = torch.empty_like(shifted) if (logits.dtype != torch.float32 or not want_grad) else None
-    smooth = torch.empty_like(shifted) if regularizer == "labo" else None
-    zero = torch.zeros((), dtype=torch.float32, device=device)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        c = stop - start
-        x = logits[start:stop]
-        y = safe_labels[start:stop].unsqueeze(1)
-        keep = kept[start:stop]
-        keep_col = keep.unsqueeze(1)
-        # exp and sum as separate kernels: torch's fused softmax is faster but its float32
-        # accumulation drifts by ~1e-6 relative at K ~ 1e5, beyond the reference tolerance.
-        row_max = x.amax(dim=-1, keepdim=True).float()
-        d = torch.sub(x, row_max, out=shifted[:c])
-        p = grad[start:stop] if probs is None else probs[:c]
-        torch.exp(d, out=p)
-        sum_exp = p.sum(dim=-1, keepdim=True)
-        log_sum = sum_exp.log()
-        d_y = d.gather(1, y)
-        row_nll = log_sum - d_y
-        redo = None
-        if regularizer == "labo":
-            # Shift by the non-target max, not the row max: when the label's logit dominates,
-            # exp((z_k - max z) / T) would underflow for every other class.
-            u = torch.mul(d, 1.0 / temperature, out=smooth[:c])
-            u.scatter_(1, y, -math.inf)
-            max_t = u.amax(dim=-1, keepdim=True)
-            u.sub_(max_t).exp_()
-            sum_t = u.sum(dim=-1, keepdim=True)
-            # <exp(d/T - max_t), d>, reusing d's buffer: d is not needed after this.
-            mean_d = d.mul_(u).sum(dim=-1, keepdim=True) / sum_t
-            row_loss = log_sum - (1 - alpha) * d_y - alpha * mean_d
-            row_entropy = max_t + sum_t.log() - mean_d / temperature
-            # NaN from 0 * -inf (classes masked with -inf) or from a row with no finite
-            # non-target logit: recompute those rows exactly.
-            redo = keep_col & ~torch.isfinite(row_loss)
-        elif regularizer == "label_smoothing":
-            sum_d = d.sum(dim=-1, keepdim=True)
-            row_loss = log_sum - (1 - alpha) * d_y - (alpha / num_classes) * sum_d
-            row_entropy = torch.full_like(row_loss, math.log(num_classes))
-        else:
-            row_loss = row_nll
-            row_entropy = torch.zeros_like(row_loss)
-        loss[start:stop] = torch.where(keep_col, row_loss, zero).squeeze(1)
-        nll[start:stop] = torch.where(keep_col, row_nll, zero).squeeze(1)
-        entropy[start:stop] = torch.where(keep_col, row_entropy, zero).squeeze(1)
-        if want_grad:
-            # grad = scale * (p - q), with q = (1 - a) e_y + a u.
-            row_scale = torch.where(keep_col, grad_scale * torch.ones_like(log_sum), zero)
-            p.mul_(row_scale / sum_exp)
-            if regularizer == "labo":
-                p.addcmul_(u, -alpha * row_scale / sum_t)
-            elif regularizer == "label_smoothing":
-                p.sub_(row_scale * (alpha / num_classes))
-            p.scatter_add_(1, y, -(1 - alpha) * row_scale)
-            if has_ignored:
-                # Ignored rows may hold garbage (even NaN) logits: their gradient is exactly zero.
-                p[~keep] = 0.0
-            if probs is not None:
-                grad[start:stop].copy_(p)
-        if redo is not None and bool(redo.any()):
-            idx = redo.squeeze(1).nonzero().squeeze(1)
-            r_loss, r_nll, r_ent, r_grad = _exact_rows(
-                x[idx].float(), y[idx].squeeze(1), regularizer=regularizer, alpha=alpha,
-                temperature=temperature, want_grad=want_grad,
-            )
-            loss[start + idx] = r_loss
-            nll[start + idx] = r_nll
-            entropy[start + idx] = r_ent
-            if want_grad:
-                grad[start + idx] = (r_grad * grad_scale).to(grad.dtype)
-    return FusedRows(loss, nll, entropy, grad)
+    return triton_rows
 
 
-class _PrecomputedGradient(torch.autograd.Function):
-    """Attach a gradient computed in the forward pass to a loss value.
-
-    Backward scales the stored gradient in place by the upstream gradient (world size, AMP
-    scale) instead of allocating a second (N, K) tensor; it therefore runs once per forward.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, loss: Tensor, grad: Tensor) -> Tensor:  # noqa: D102
-        ctx.save_for_backward(grad)
-        ctx.used = False
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):  # noqa: D102
-        if ctx.used:
-            raise RuntimeError(
-                "label_regularized_loss: backward ran twice through the same forward; "
-                "recompute the loss instead of using retain_graph=True"
-            )
-        ctx.used = True
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_output.to(grad.dtype)), None, None
+def _needs_self_check(device: torch.device) -> bool:
+    """Compiled kernels are probed on first use on each GPU; the CPU interpreter is tested in CI."""
+    return device.type == "cuda"
 
 
-def _triton_available() -> bool:
+def _probe_triton(device: torch.device, dtype: torch.dtype, regularizer: str, alpha: float,
+                  temperature: float | None) -> str | None:
+    """Run the Triton kernels once on a small case against the torch path; the reason they fail, or None."""
+    gen = torch.Generator().manual_seed(0)
+    n, k = 24, 1031  # odd K: exercises the unaligned head, the vector body and the masked tail
+    logits = (4 * torch.randn(n, k, generator=gen)).to(device=device, dtype=dtype)
+    labels = torch.randint(0, k, (n,), generator=gen).to(device)
+    labels[3] = -100
+    grad_rows = torch.full((n,), 0.5, device=device)
+    kw = dict(regularizer=regularizer, alpha=alpha, temperature=temperature, ignore_index=-100)
     try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        triton_rows = _load_triton_rows()
+        got = triton_rows.forward_rows(logits, labels, **kw)
+        got_grad = triton_rows.backward_rows(grad_rows, logits, labels, got, **kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as err:  # noqa: BLE001 - any failure (compiler, driver, launch) means: do not use it
+        return f"{type(err).__name__}: {err}"
+    want = _torch_rows.forward_rows(logits, labels, **kw)
+    want_grad = _torch_rows.backward_rows(grad_rows, logits, labels, want, **kw)
+    for name in ("loss", "nll", "smoothing_entropy"):
+        if not torch.allclose(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-4):
+            return f"per-row {name} differs from the torch path"
+    tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    if not torch.allclose(got_grad.float(), want_grad.float(), rtol=tol, atol=1e-6):
+        return "the gradient differs from the torch path"
+    return None
 
 
-def _select_kernel(implementation: str, logits: Tensor):
+def _triton_passes_self_check(device: torch.device, dtype: torch.dtype, regularizer: str, alpha: float,
+                              temperature: float | None) -> bool:
+    if not _needs_self_check(device):
+        return True
+    key = (str(device), regularizer, dtype)
+    ok = _TRITON_SELF_CHECK.get(key)
+    if ok is None:
+        reason = _probe_triton(device, dtype, regularizer, alpha, temperature)
+        ok = reason is None
+        _TRITON_SELF_CHECK[key] = ok
+        if not ok:
+            warnings.warn(
+                f"labo_hf: the Triton loss kernel failed its first-use check on {device} "
+                f"({regularizer}, {dtype}): {reason}. Falling back to implementation='torch' there.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return ok
+
+
+def _kernels_for(implementation: str, logits: Tensor, regularizer: str, alpha: float,
+                 temperature: float | None):
+    if implementation == "triton" and _triton_passes_self_check(
+        logits.device, logits.dtype, regularizer, alpha, temperature
+    ):
+        return _load_triton_rows()
+    return _torch_rows
+
+
+def _select_implementation(implementation: str, logits: Tensor) -> str:
+    """Resolve ``implementation`` to "torch" or "triton" (static checks only: no host sync)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if implementation == "torch" or (implementation == "auto" and not (logits.is_cuda and _triton_available())):
-        return torch_fused_rows
-    try:
-        from labo_hf.triton_kernels import triton_fused_rows
-    except ImportError as err:
-        raise ValueError(
-            f"implementation={implementation!r} needs the optional dependency triton "
-            f"(pip install 'labo-hf[triton]'): {err}"
-        ) from err
-    return triton_fused_rows
+    if implementation == "auto":
+        use = logits.is_cuda and _TRITON_INSTALLED and logits.dtype != torch.float64
+        return "triton" if use else "torch"
+    if implementation == "triton":
+        if logits.dtype == torch.float64:
+            raise ValueError(
+                "implementation='triton' computes in float32; float64 logits are computed in float64 "
+                "by implementation='torch' (or 'auto')"
+            )
+        try:
+            triton_rows = _load_triton_rows()
+        except ImportError as err:
+            raise ValueError(
+                f"implementation='triton' needs the optional dependency triton "
+                f"(pip install 'labo-hf[triton]'): {err}"
+            ) from err
+        if not triton_rows.supports(logits):
+            raise ValueError(
+                f"implementation='triton' needs CUDA logits (got {logits.device}); CPU tensors only run "
+                "under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+            )
+    return implementation
 
 
-def _reduction_scale(num_items_in_batch: int | float | Tensor | None, kept: Tensor) -> Tensor | float:
-    """1 / the reduction's denominator; an all-ignored batch keeps a finite scale (its sum is 0)."""
+# ---- the autograd op ---------------------------------------------------------------------------
+
+_FORWARD_SCHEMA = (
+    "(Tensor logits, Tensor labels, str regularizer, float alpha, float temperature, int ignore_index, "
+    "str implementation, int chunk_elements) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_BACKWARD_SCHEMA = (
+    "(Tensor grad_rows, Tensor logits, Tensor labels, Tensor row_max, Tensor log_sum, Tensor nt_max, "
+    "Tensor log_sum_t, str regularizer, float alpha, float temperature, int ignore_index, "
+    "str implementation, int chunk_elements) -> Tensor"
+)
+
+_SECOND_DERIVATIVE_MESSAGE = (
+    "label_regularized_loss does not support second derivatives (a backward pass through its gradient, "
+    "as Hessians and gradient penalties with create_graph=True need): its backward pass is a fused kernel. "
+    "labo_hf.reference.reference_label_regularized_loss computes the same loss with plain autograd and is "
+    "twice differentiable (u* held constant, as in docs/method.md, section 2)."
+)
+
+
+def _hyper(regularizer: str, temperature: float) -> float | None:
+    return temperature if regularizer == "labo" else None
+
+
+@torch.library.custom_op("labo_hf::label_regularized_rows", mutates_args=(), schema=_FORWARD_SCHEMA)
+def _rows_op(logits, labels, regularizer, alpha, temperature, ignore_index, implementation, chunk_elements):
+    kernels = _kernels_for(implementation, logits, regularizer, alpha, _hyper(regularizer, temperature))
+    kw = {"chunk_elements": chunk_elements} if kernels is _torch_rows else {}
+    return tuple(kernels.forward_rows(
+        logits, labels, regularizer=regularizer, alpha=alpha, temperature=_hyper(regularizer, temperature),
+        ignore_index=ignore_index, **kw,
+    ))
+
+
+@_rows_op.register_fake
+def _rows_op_fake(logits, labels, regularizer, alpha, temperature, ignore_index, implementation, chunk_elements):
+    n = logits.shape[0]
+    return tuple(logits.new_empty((n,), dtype=_compute_dtype(logits.dtype)) for _ in RowStats._fields)
+
+
+@torch.library.custom_op("labo_hf::label_regularized_rows_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
+def _rows_backward_op(grad_rows, logits, labels, row_max, log_sum, nt_max, log_sum_t, regularizer, alpha,
+                      temperature, ignore_index, implementation, chunk_elements):
+    kernels = _kernels_for(implementation, logits, regularizer, alpha, _hyper(regularizer, temperature))
+    kw = {"chunk_elements": chunk_elements} if kernels is _torch_rows else {}
+    stats = RowStats(row_max, row_max, row_max, row_max, log_sum, nt_max, log_sum_t)  # loss fields unused
+    return kernels.backward_rows(
+        grad_rows, logits, labels, stats, regularizer=regularizer, alpha=alpha,
+        temperature=_hyper(regularizer, temperature), ignore_index=ignore_index, **kw,
+    )
+
+
+@_rows_backward_op.register_fake
+def _rows_backward_op_fake(grad_rows, logits, *args):
+    return logits.new_empty(logits.shape)
+
+
+def _rows_setup_context(ctx, inputs, output):
+    logits, labels, *config = inputs
+    _, nll, entropy, row_max, log_sum, nt_max, log_sum_t = output
+    ctx.mark_non_differentiable(nll, entropy, row_max, log_sum, nt_max, log_sum_t)
+    ctx.save_for_backward(logits, labels, row_max, log_sum, nt_max, log_sum_t)
+    ctx.config = config
+
+
+def _rows_backward(ctx, grad_loss, *unused):
+    if grad_loss is None:
+        return (None,) * (2 + len(ctx.config))
+    logits, labels, row_max, log_sum, nt_max, log_sum_t = ctx.saved_tensors
+    grad = _rows_backward_op(grad_loss, logits, labels, row_max, log_sum, nt_max, log_sum_t, *ctx.config)
+    return (grad,) + (None,) * (1 + len(ctx.config))
+
+
+def _refuse_second_derivative(ctx, grad):
+    raise RuntimeError(_SECOND_DERIVATIVE_MESSAGE)
+
+
+def _backward_setup_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "labo_hf::label_regularized_rows", _rows_backward, setup_context=_rows_setup_context
+)
+# With create_graph=True the backward op is recorded; differentiating through it is refused here,
+# at the moment it happens, instead of silently treating p - q as a constant.
+torch.library.register_autograd(
+    "labo_hf::label_regularized_rows_backward", _refuse_second_derivative, setup_context=_backward_setup_context
+)
+
+
+# ---- reduction, validation ---------------------------------------------------------------------
+
+def _reduction_scale(num_items_in_batch: int | float | Tensor | None, kept: Tensor, dtype: torch.dtype,
+                     validate: bool) -> tuple[Tensor | float, Tensor | float]:
+    """1 / the reduction's denominator and a poison term (0, or NaN for an invalid tensor count).
+
+    An all-ignored batch keeps a finite scale (its sum is 0). Python numbers are always checked
+    eagerly; a tensor count only when ``validate`` (a host sync), else on device.
+    """
     if num_items_in_batch is None:
-        return 1.0 / kept.sum().clamp(min=1).float()
+        return 1.0 / kept.sum().clamp(min=1).to(dtype), 0.0
     if isinstance(num_items_in_batch, Tensor):
         if num_items_in_batch.numel() != 1:
             raise ValueError(
                 f"num_items_in_batch must be a single count, got shape {tuple(num_items_in_batch.shape)}"
             )
-        return 1.0 / num_items_in_batch.reshape(()).to(kept.device, torch.float32).clamp(min=1)
+        if num_items_in_batch.is_complex() or num_items_in_batch.dtype == torch.bool:
+            raise ValueError(f"num_items_in_batch must be a real count, got dtype {num_items_in_batch.dtype}")
+        count = num_items_in_batch.detach().reshape(()).to(kept.device, dtype)
+        if validate:
+            _check_count(count.item(), kept)
+        has_kept = kept.any()
+        valid = torch.isfinite(count) & ((count > 0) | ((count == 0) & ~has_kept))
+        scale = torch.where(count > 0, 1.0 / count.clamp(min=torch.finfo(dtype).tiny), 1.0)
+        return torch.where(valid, scale, math.nan), torch.where(valid, 0.0, math.nan)
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, int | float):
         raise ValueError(f"num_items_in_batch must be a number or a tensor, got {num_items_in_batch!r}")
-    if not num_items_in_batch >= 0:
-        raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch!r}")
+    _check_count(num_items_in_batch, kept if validate else None)
     if num_items_in_batch == 0:
-        if bool(kept.any()):
-            raise ValueError("num_items_in_batch=0 but labels has kept positions")
-        return 1.0
-    return 1.0 / num_items_in_batch
+        # Without validation, kept positions with a zero count poison the call on device.
+        return 1.0, torch.where(kept.any(), math.nan, 0.0).to(dtype)
+    return 1.0 / num_items_in_batch, 0.0
+
+
+def _check_count(value: float, kept: Tensor | None) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"num_items_in_batch must be >= 0 and finite, got {value!r}")
+    if value == 0 and kept is not None and bool(kept.any()):
+        raise ValueError("num_items_in_batch=0 but labels has kept positions")
 
 
 def _raise_for_non_finite(logits2d: Tensor, labels: Tensor, kept: Tensor, regularizer: str) -> None:
     """Explain which input made a kept row's loss non-finite (only runs on failure)."""
-    rows = logits2d[kept].float()
+    rows = logits2d[kept].to(_compute_dtype(logits2d.dtype))
     y = labels[kept]
     if torch.isnan(rows).any():
         raise ValueError("logits contain NaN at kept positions")
@@ -405,12 +453,49 @@ def _raise_for_non_finite(logits2d: Tensor, labels: Tensor, kept: Tensor, regula
         raise ValueError("logits contain +inf at kept positions")
     if torch.isneginf(rows.gather(1, y.unsqueeze(1))).any():
         raise ValueError("logits are -inf at a label's class: the cross-entropy is infinite")
-    if regularizer == "label_smoothing":
+    if regularizer == "label_smoothing" and torch.isneginf(rows).any():
         raise ValueError(
             "logits contain -inf at kept positions: label smoothing puts mass on every class, so "
             "the loss is infinite (LABO gives masked classes no mass)"
         )
-    raise ValueError("the loss is not finite for these logits (overflow in float32)")
+    raise ValueError(
+        f"the loss overflows {str(rows.dtype).removeprefix('torch.')} for these logits (largest |logit| "
+        f"{rows.abs().max().item():.3g}); float64 logits are computed in float64"
+    )
+
+
+_LAZY_MESSAGE = (
+    "label_regularized_loss: a call since the last check had invalid inputs (labels outside [0, K) other "
+    "than ignore_index, NaN or +inf logits, -inf at a label or, for label smoothing, anywhere, logits whose "
+    "loss overflows, or a num_items_in_batch that is negative, zero with kept positions, or not finite). "
+    "Pass validate=True to label_regularized_loss to raise at the offending call with the exact reason."
+)
+
+
+def check_loss_stats(stats: LossStats | Tensor | Iterable[float]) -> None:
+    """Raise the ValueError of an invalid call that was not validated eagerly (``validate=False``).
+
+    Such calls poison their statistics with NaN on the device instead of synchronising. Call this
+    where a host sync happens anyway, e.g. on the running sums of ``LossStats`` fields at a logging
+    step (``LABOTrainer`` does, on every process's reduced sums).
+    """
+    if isinstance(stats, Tensor):
+        values = stats.detach().reshape(-1).tolist()
+    else:
+        values = [float(v) for v in stats]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(_LAZY_MESSAGE)
+
+
+# ---- the public functions ----------------------------------------------------------------------
+
+def _refuse_function_transforms(logits: Tensor) -> None:
+    if torch._C._functorch.is_functorch_wrapped_tensor(logits):
+        raise ValueError(
+            "label_regularized_loss does not support torch.func transforms (grad, vmap, jacrev, ...) of "
+            "logits: its fused kernels have no batching rule. Call it on the batch directly (it already "
+            "reduces over rows), or use labo_hf.reference.reference_label_regularized_loss."
+        )
 
 
 def label_regularized_loss_with_stats(
@@ -423,36 +508,35 @@ def label_regularized_loss_with_stats(
     ignore_index: int = -100,
     num_items_in_batch: int | float | Tensor | None = None,
     implementation: str = "auto",
+    validate: bool | None = None,
 ) -> tuple[Tensor, LossStats]:
     """``label_regularized_loss`` plus the sums needed to log it (see ``LossStats``)."""
     alpha, temperature = resolve_hyperparameters(regularizer, alpha, temperature)
-    logits2d, labels1d, kept = _flatten_inputs(logits, labels, ignore_index)
-    kernel = _select_kernel(implementation, logits)
-    scale = _reduction_scale(num_items_in_batch, kept)
-    want_grad = torch.is_grad_enabled() and logits.requires_grad
+    if validate is None:
+        # Checking needs host syncs: free on CPU, a stall per call on a GPU, a graph break under compile.
+        validate = logits.device.type == "cpu" and not torch.compiler.is_compiling()
+    if isinstance(logits, Tensor) and not torch.compiler.is_compiling():
+        _refuse_function_transforms(logits)
+    logits2d, labels1d, kept = _flatten_inputs(logits, labels, ignore_index, check_range=validate)
+    implementation = _select_implementation(implementation, logits)
+    dtype = _compute_dtype(logits.dtype)
+    scale, poison = _reduction_scale(num_items_in_batch, kept, dtype, validate)
+    row_loss, nll, entropy, *_ = _rows_op(
+        logits2d, labels1d, regularizer, alpha, temperature if temperature is not None else 1.0,
+        int(ignore_index), implementation, int(_CHUNK_ELEMENTS),
+    )
+    if validate and not bool(torch.isfinite(row_loss).all()):
+        _raise_for_non_finite(logits2d.detach(), labels1d, kept, regularizer)
+    loss = row_loss.sum() * scale
     with torch.no_grad():
-        rows = kernel(
-            logits2d.detach() if logits2d.is_contiguous() else logits2d.detach().contiguous(),
-            labels1d,
-            regularizer=regularizer,
-            alpha=alpha,
-            temperature=temperature,
-            ignore_index=ignore_index,
-            grad_scale=scale,
-            want_grad=want_grad,
-        )
-        if not bool(torch.isfinite(rows.loss).all()):
-            _raise_for_non_finite(logits2d.detach(), labels1d, kept, regularizer)
-        loss = rows.loss.sum() * scale
-        kept_nll = rows.nll
+        # A non-finite row (an invalid input not checked eagerly) poisons the count.
+        poison = poison + torch.where(torch.isfinite(row_loss).all(), 0.0, math.nan)
         stats = LossStats(
-            nll_sum=kept_nll.sum(),
-            target_prob_sum=torch.where(kept, torch.exp(-kept_nll), 0.0).sum(),
-            smoothing_entropy_sum=rows.smoothing_entropy.sum(),
-            num_kept=kept.sum().float(),
+            nll_sum=nll.sum(),
+            target_prob_sum=torch.where(kept, torch.exp(-nll), 0.0).sum(),
+            smoothing_entropy_sum=entropy.sum(),
+            num_kept=kept.sum().to(dtype) + poison,
         )
-    if want_grad:
-        loss = _PrecomputedGradient.apply(logits2d, loss, rows.grad)
     return loss, stats
 
 
@@ -466,29 +550,36 @@ def label_regularized_loss(
     ignore_index: int = -100,
     num_items_in_batch: int | float | Tensor | None = None,
     implementation: str = "auto",
+    validate: bool | None = None,
 ) -> Tensor:
     """Label-regularized cross-entropy H(q, p), reduced over kept positions.
 
     Args:
-        logits: (..., K) float32, bf16 or fp16 (computed in float32).
+        logits: (..., K) float32, bf16 or fp16 (computed in float32), or float64 (computed in float64).
         labels: (...) integer, in [0, K) or ``ignore_index``.
         regularizer: ``"labo"``, ``"label_smoothing"`` or ``"cross_entropy"``.
         alpha: smoothing mass in [0, 1); default 0.1. Must stay None for ``"cross_entropy"``.
-        temperature: LABO's T > 0; default 2.0. Must stay None unless ``"labo"``.
+        temperature: LABO's T >= 1e-30; default 2.0. Must stay None unless ``"labo"``.
         ignore_index: label value of positions that are skipped entirely.
         num_items_in_batch: kept positions in the whole (accumulated, all-process) batch, as the
             Trainer supplies it; None divides by the local kept count.
         implementation: ``"auto"`` (Triton for CUDA tensors when it imports, else torch),
             ``"torch"`` (chunked, pure torch) or ``"triton"``.
+        validate: check the labels' range, a tensor ``num_items_in_batch`` and the loss's finiteness
+            now, with host syncs, and raise the ValueError at this call. None (default): on for CPU
+            logits outside ``torch.compile``, off otherwise. Off, an invalid call returns NaN and
+            leaves NaN in its ``LossStats``; ``check_loss_stats`` raises the ValueError later.
 
     Returns:
-        0-dim float32 loss. The gradient w.r.t. logits, p - q per kept position divided by the
-        denominator, is computed in the forward pass. An all-ignored batch gives 0 with a zero
-        gradient.
+        0-dim loss (float32; float64 for float64 logits). Its gradient w.r.t. the logits is p - q per
+        kept position divided by the denominator, computed in the backward pass in float32 and
+        rounded once. An all-ignored batch gives 0 with a zero gradient.
 
     Raises:
-        ValueError: bad shapes, labels out of range, hyperparameters out of range, or logits that
-            make the loss non-finite (NaN or +inf, -inf at the label; any -inf for label smoothing).
+        ValueError: bad shapes or hyperparameters; with ``validate``, labels out of range, a bad
+            count, or logits that make the loss non-finite (NaN or +inf, -inf at the label, any -inf
+            for label smoothing, float32 overflow); torch.func transforms.
+        RuntimeError: from a second derivative through the loss's gradient (create_graph=True).
     """
     loss, _ = label_regularized_loss_with_stats(
         logits,
@@ -499,5 +590,6 @@ def label_regularized_loss(
         ignore_index=ignore_index,
         num_items_in_batch=num_items_in_batch,
         implementation=implementation,
+        validate=validate,
     )
     return loss

@@ -34,12 +34,13 @@ def reference_target_distribution(
     alpha, temperature = resolve_hyperparameters(regularizer, alpha, temperature)
     z = logits.detach().to(_compute_dtype(logits))
     kept = labels != ignore_index
-    onehot = torch.nn.functional.one_hot(torch.where(kept, labels, 0).long(), z.shape[-1]).float()
+    # In z's dtype: a float32 one-hot would round (1 - alpha) and alpha / K in the float64 reference.
+    onehot = torch.nn.functional.one_hot(torch.where(kept, labels, 0).long(), z.shape[-1]).to(z.dtype)
     if regularizer == "labo":
         scaled = (z / temperature).masked_fill(onehot.bool(), -math.inf)
         has_mass = torch.isfinite(scaled.amax(dim=-1, keepdim=True))
         u = torch.where(has_mass, torch.softmax(scaled, dim=-1), 0.0)
-        a = torch.where(has_mass, alpha, 0.0)
+        a = has_mass.to(z.dtype) * alpha  # not where(): its Python scalar would be float32
         q = (1 - a) * onehot + a * u
     elif regularizer == "label_smoothing":
         q = (1 - alpha) * onehot + alpha / z.shape[-1]

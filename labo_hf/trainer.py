@@ -44,7 +44,7 @@ from .checkpoints import (
     publish_checkpoint,
 )
 from .loss_func import LABOLossFunction, model_logits
-from .losses import LossStats, resolve_hyperparameters
+from .losses import LossStats, check_loss_stats, resolve_hyperparameters
 from .model_card import LABO_PAPER, MODEL_CARD_MARKER, TAG_NAMES, model_card_section, model_card_tags
 from .run_record import check_same_run, read_run_record, write_run_record
 
@@ -298,6 +298,8 @@ class _LABOTrainerMixin:
         if self.accelerator.num_processes > 1:
             values = self.accelerator.reduce(values.to(self.args.device), reduction="sum")
         nll, target_prob, smoothing_entropy, count = values.tolist()
+        # The loss skips its host-syncing input checks on GPUs; an invalid batch left NaN in these sums.
+        check_loss_stats((nll, target_prob, smoothing_entropy, count))
         if count == 0:
             return {}
         means = {"nll": nll / count, "target_prob": target_prob / count}

@@ -26,8 +26,8 @@ def test_loss_speed_tiny(tmp_path):
     loss_speed.main(["--preset", "tiny", "--out_dir", str(tmp_path), "--repeats", "1"])
     rows = _rows(tmp_path / "loss_speed_tiny.jsonl")
     methods = {r["method"] for r in rows}
-    assert {"torch_ls_fp32", "labo_torch", "ls_torch", "ce_torch"} <= methods
-    base = next(r for r in rows if r["method"] == "torch_ls_fp32")
+    assert {"torch_ls", "labo_torch", "ls_torch", "ce_torch"} <= methods
+    base = next(r for r in rows if r["method"] == "torch_ls")
     assert base["time_ratio_vs_torch_ls"] == 1.0 and base["peak_bytes"] > 0
     assert "| 500 | labo_torch |" in (tmp_path / "loss_speed_tiny.md").read_text()
 

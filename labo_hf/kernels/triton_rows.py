@@ -1,0 +1,436 @@
+"""Fused Triton implementation of the per-row kernels (CUDA; CPU under TRITON_INTERPRET=1).
+
+Two kernels, one program per row:
+
+* ``_forward_kernel`` streams the row once and keeps per-lane online statistics (a BLOCK-wide
+  vector of running maxima and rescaled sums, merged at the end, one exp per element and
+  statistic): max and sum of exp at temperature 1; for LABO the max over the non-target logits,
+  the sum of exp((z - m) / T) and the running sum of exp(d) * d with d = (z - m) / T (everything
+  H(u*) and <u*, z> need without cancellation); for label smoothing the sum of (z - z_y). It writes
+  the per-row loss, NLL, H(u) and the four statistics of ``RowStats``.
+* ``_backward_kernel`` streams the row again and writes ``grad_rows[row] * (p - q)`` once, in the
+  logits' dtype, computed in float32 from those statistics.
+
+Traffic per training step: read, read, write = 3 N K elements. Exponentials are ``exp2`` of
+pre-scaled arguments (``tl.exp`` lowers to a scale plus ``ex2.approx`` plus range fix-ups).
+Row offsets are int64 (N K exceeds 2**31 for long sequences and 256k vocabularies); column
+indices and the label compare are int32. Each row is walked as an unaligned masked head (up to
+the first 16-byte boundary), an unmasked main loop whose loads the compiler may vectorise
+(odd K such as 58101 included), and a masked tail. Rows may be strided (``stride(0) != K``)
+without a copy.
+
+Ignored rows (label == ignore_index) never read their logits. A kept label outside [0, K) poisons
+its row with NaN (loss, statistics, gradient) rather than reading out of bounds: the caller
+reports it without a host synchronisation.
+
+Importing this module raises ImportError when triton is not installed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from labo_hf.kernels import MODES, FusedRows, RowStats
+
+__all__ = ["INTERPRETED", "backward_rows", "forward_rows", "launch_config", "supports", "triton_fused_rows"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _accumulate(z, is_target, in_row, m1, s1, mt, st, wt, sz, ls_shift, inv_t_log2e,
+                MODE: tl.constexpr, MASKED: tl.constexpr):
+    """One block of the online statistics (see the module docstring); z is float32, -inf outside the row."""
+    neg_inf = float("-inf")
+    # One exp per element and statistic: exp(-|z - m|) is both the rescale factor of the running
+    # sum when z is a new lane maximum and the new term otherwise. -inf entries contribute nothing
+    # and must not turn (-inf) - (-inf) into NaN, even in lanes a where() discards.
+    up = z > m1
+    ref = tl.where(z == neg_inf, 0.0, m1)
+    e = tl.exp2(tl.where(up, ref - z, z - ref) * 1.4426950408889634)
+    s1 = tl.where(up, s1 * e + 1.0, s1 + e)
+    m1 = tl.where(up, z, m1)
+    if MODE == 2:
+        # Same update at temperature T over the non-target classes, plus wt = sum e^d * d in base-2
+        # units (d = (z - mt) / T * log2 e), rebased when the lane maximum moves.
+        zt = tl.where(is_target, neg_inf, z)
+        up_t = zt > mt
+        ref_t = tl.where(zt == neg_inf, 0.0, mt)
+        gap_t = tl.where(up_t, ref_t - zt, zt - ref_t) * inv_t_log2e
+        e_t = tl.exp2(gap_t)
+        gap_t0 = tl.where(gap_t == neg_inf, 0.0, gap_t)  # e_t = 0 there: avoid 0 * -inf
+        wt = tl.where(up_t, e_t * (wt + st * gap_t0), wt + e_t * gap_t0)
+        st = tl.where(up_t, st * e_t + 1.0, st + e_t)
+        mt = tl.where(up_t, zt, mt)
+    if MODE == 1:
+        if MASKED:
+            sz += tl.where(in_row, z - ls_shift, 0.0)
+        else:
+            sz += z - ls_shift
+    return m1, s1, mt, st, wt, sz
+
+
+@triton.jit
+def _forward_kernel(
+    logits_ptr, labels_ptr, loss_ptr, nll_ptr, entropy_ptr, row_max_ptr, log_sum_ptr, nt_max_ptr,
+    log_sum_t_ptr, n_cols, stride_row, alpha, temperature, inv_t_log2e, log_n_cols, ignore_index,
+    MODE: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    neg_inf = float("-inf")
+    if label == ignore_index:
+        # Padding costs no read of its logits.
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(nll_ptr + row, 0.0)
+        tl.store(entropy_ptr + row, 0.0)
+        tl.store(row_max_ptr + row, 0.0)
+        tl.store(log_sum_ptr + row, 0.0)
+        tl.store(nt_max_ptr + row, 0.0)
+        tl.store(log_sum_t_ptr + row, 0.0)
+    else:
+        valid = (label >= 0) & (label < n_cols)
+        poison = tl.where(valid, 0.0, float("nan"))
+        label32 = tl.where(valid, label, -1).to(tl.int32)
+        row_start = row * stride_row
+        row_ptr = logits_ptr + row_start
+        z_y = tl.load(row_ptr + tl.where(valid, label, 0)).to(tl.float32)
+        offs = tl.arange(0, BLOCK)
+        # Head up to the first VEC-aligned element; then whole unmasked blocks; then a masked tail.
+        head = ((VEC - row_start % VEC) % VEC).to(tl.int32)
+        head = tl.minimum(head, n_cols)
+        body_end = head + ((n_cols - head) // BLOCK) * BLOCK
+        body_ptr = logits_ptr + tl.multiple_of(row_start + head, VEC)
+
+        m1 = tl.full([BLOCK], neg_inf, tl.float32)
+        s1 = tl.zeros([BLOCK], tl.float32)
+        mt = tl.full([BLOCK], neg_inf, tl.float32)
+        st = tl.zeros([BLOCK], tl.float32)
+        wt = tl.zeros([BLOCK], tl.float32)
+        sz = tl.zeros([BLOCK], tl.float32)
+        # z_y as the LS shift keeps sum(z) small for large logits; 0 if z_y is -inf.
+        ls_shift = tl.where(z_y == neg_inf, 0.0, z_y)
+
+        in_head = offs < head
+        z = tl.load(row_ptr + offs, mask=in_head, other=neg_inf).to(tl.float32)
+        m1, s1, mt, st, wt, sz = _accumulate(z, offs == label32, in_head, m1, s1, mt, st, wt, sz, ls_shift,
+                                             inv_t_log2e, MODE, True)
+        for start in range(0, body_end - head, BLOCK):
+            start = tl.multiple_of(start, BLOCK)
+            z = tl.load(body_ptr + start + offs).to(tl.float32)
+            cols = head + start + offs
+            m1, s1, mt, st, wt, sz = _accumulate(z, cols == label32, in_head, m1, s1, mt, st, wt, sz,
+                                                 ls_shift, inv_t_log2e, MODE, False)
+        cols = body_end + offs
+        in_tail = cols < n_cols
+        z = tl.load(row_ptr + cols, mask=in_tail, other=neg_inf).to(tl.float32)
+        m1, s1, mt, st, wt, sz = _accumulate(z, cols == label32, in_tail, m1, s1, mt, st, wt, sz, ls_shift,
+                                             inv_t_log2e, MODE, True)
+
+        # Merge the lanes.
+        big_m = tl.max(m1, axis=0)
+        big_m_safe = tl.where(big_m == neg_inf, 0.0, big_m)
+        big_s = tl.sum(s1 * tl.exp2((m1 - big_m_safe) * 1.4426950408889634), axis=0)
+        log_s = tl.log2(big_s) * 0.6931471805599453
+        nll = (big_m - z_y) + log_s + poison
+        if MODE == 0:
+            loss = nll
+            entropy = 0.0 + poison
+            nt_max = 0.0 + poison
+            log_st = 0.0 + poison
+        elif MODE == 1:
+            # loss = lse - (1-a) z_y - a mean(z) = nll - a * mean(z - z_y)
+            mean_shifted = tl.sum(sz, axis=0) / n_cols
+            loss = tl.where(z_y == neg_inf, float("inf"), nll - alpha * mean_shifted)
+            entropy = log_n_cols + poison
+            nt_max = 0.0 + poison
+            log_st = 0.0 + poison
+        else:
+            big_mt = tl.max(mt, axis=0)
+            big_mt_safe = tl.where(big_mt == neg_inf, 0.0, big_mt)
+            lane_rebase = tl.where(mt == neg_inf, 0.0, (mt - big_mt_safe) * inv_t_log2e)
+            lane_ratio = tl.exp2((mt - big_mt_safe) * inv_t_log2e)
+            big_st = tl.sum(st * lane_ratio, axis=0)
+            big_wt = tl.sum(lane_ratio * (wt + st * lane_rebase), axis=0)
+            # Degenerate row (every non-target logit -inf, or K == 1): the smoothing mass has
+            # nowhere to go, so q = e_y and H(u*) = 0.
+            has_mass = big_st > 0.0
+            big_st_safe = tl.where(has_mass, big_st, 1.0)
+            mean_d = big_wt / big_st_safe * 0.6931471805599453  # <u*, (z - max_nt z) / T>, <= 0
+            log_st = tl.log2(big_st_safe) * 0.6931471805599453
+            # H(u*) = log S_T - <u*, d>;  H(u*, p) = lse - <u*, z> = (max z - max_nt z) + log S - T <u*, d>
+            cross = (big_m - big_mt_safe) + log_s - temperature * mean_d
+            entropy = tl.where(has_mass, log_st - mean_d, 0.0) + poison
+            loss = tl.where(has_mass, (1.0 - alpha) * nll + alpha * cross, nll)
+            nt_max = tl.where(has_mass, big_mt, neg_inf) + poison
+            log_st = tl.where(has_mass, log_st, 0.0) + poison
+        tl.store(loss_ptr + row, loss)
+        tl.store(nll_ptr + row, nll)
+        tl.store(entropy_ptr + row, entropy)
+        tl.store(row_max_ptr + row, big_m + poison)
+        tl.store(log_sum_ptr + row, log_s + poison)
+        tl.store(nt_max_ptr + row, nt_max)
+        tl.store(log_sum_t_ptr + row, log_st)
+
+
+@triton.jit
+def _gradient(z, is_target, m, log_s2, nt_shift, inv_t_log2e, log_st2, q_y, a_u, uniform, coef,
+              MODE: tl.constexpr):
+    """coef * (p - q) for one block of float32 logits (base-2 arguments precomputed per row)."""
+    # (z - m) first: z * log2e alone overflows float32 for |z| > 2.4e38.
+    p = tl.exp2((z - m) * 1.4426950408889634 - log_s2)
+    if MODE == 2:
+        # Rows without smoothing mass have nt_shift = +inf: u = exp2(-inf) = 0, and a_u = 0.
+        u = tl.exp2((z - nt_shift) * inv_t_log2e - log_st2)
+        q = tl.where(is_target, q_y, a_u * u)
+    elif MODE == 1:
+        q = tl.where(is_target, q_y, uniform)
+    else:
+        q = tl.where(is_target, q_y, 0.0)
+    return (p - q) * coef
+
+
+@triton.jit
+def _backward_kernel(
+    grad_rows_ptr, stride_grad_rows, logits_ptr, labels_ptr, row_max_ptr, log_sum_ptr, nt_max_ptr,
+    log_sum_t_ptr, grad_ptr, n_cols, stride_row, alpha, inv_t_log2e, ignore_index,
+    MODE: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, SAME_LAYOUT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    offs = tl.arange(0, BLOCK)
+    grad_row = grad_ptr + row * n_cols
+    if label == ignore_index:
+        # Padding costs one write of zeros and no read of its logits.
+        zeros = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            tl.store(grad_row + cols, zeros, mask=cols < n_cols)
+    else:
+        valid = (label >= 0) & (label < n_cols)
+        label32 = tl.where(valid, label, -1).to(tl.int32)
+        # The upstream gradient is read on the device (no host sync) and applied in float32
+        # before the one rounding to the logits' dtype: a loss scale of 65536 lifts entries that
+        # 1 / N would otherwise flush to zero in fp16.
+        coef = tl.load(grad_rows_ptr + row * stride_grad_rows).to(tl.float32) + tl.where(valid, 0.0, float("nan"))
+        m = tl.load(row_max_ptr + row)
+        log_s2 = tl.load(log_sum_ptr + row) * 1.4426950408889634
+        a_u = 0.0
+        nt_shift = 0.0
+        log_st2 = 0.0
+        uniform = 0.0
+        if MODE == 2:
+            nt_max = tl.load(nt_max_ptr + row)
+            has_mass = nt_max > float("-inf")
+            a_u = tl.where(has_mass, alpha, 0.0)
+            nt_shift = tl.where(has_mass, nt_max, float("inf"))
+            log_st2 = tl.where(has_mass, tl.load(log_sum_t_ptr + row), 0.0) * 1.4426950408889634
+            q_y = 1.0 - a_u
+        elif MODE == 1:
+            uniform = alpha / n_cols
+            q_y = 1.0 - alpha + uniform
+        else:
+            q_y = 1.0
+        row_start = row * stride_row
+        row_ptr = logits_ptr + row_start
+        head = ((VEC - row_start % VEC) % VEC).to(tl.int32)
+        head = tl.minimum(head, n_cols)
+        body_end = head + ((n_cols - head) // BLOCK) * BLOCK
+        body_ptr = logits_ptr + tl.multiple_of(row_start + head, VEC)
+        if SAME_LAYOUT:
+            # grad rows start where the logits rows do (stride K): the same head aligns both.
+            body_grad = grad_ptr + tl.multiple_of(row * n_cols + head, VEC)
+        else:
+            body_grad = grad_row + head
+
+        in_head = offs < head
+        z = tl.load(row_ptr + offs, mask=in_head, other=0.0).to(tl.float32)
+        g = _gradient(z, offs == label32, m, log_s2, nt_shift, inv_t_log2e, log_st2, q_y, a_u, uniform,
+                      coef, MODE)
+        tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_head)
+        for start in range(0, body_end - head, BLOCK):
+            start = tl.multiple_of(start, BLOCK)
+            z = tl.load(body_ptr + start + offs).to(tl.float32)
+            g = _gradient(z, head + start + offs == label32, m, log_s2, nt_shift, inv_t_log2e, log_st2,
+                          q_y, a_u, uniform, coef, MODE)
+            tl.store(body_grad + start + offs, g.to(grad_ptr.dtype.element_ty))
+        cols = body_end + offs
+        in_tail = cols < n_cols
+        z = tl.load(row_ptr + cols, mask=in_tail, other=0.0).to(tl.float32)
+        g = _gradient(z, cols == label32, m, log_s2, nt_shift, inv_t_log2e, log_st2, q_y, a_u, uniform,
+                      coef, MODE)
+        tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_tail)
+
+
+# Triton fixes interpreter vs compiled mode when it is first imported, so TRITON_INTERPRET=1 must
+# be set before that import; this flag records which mode this process got.
+INTERPRETED: bool = type(_forward_kernel).__name__ == "InterpretedFunction"
+
+
+def supports(logits: Tensor) -> bool:
+    """Whether these kernels can run on this tensor's device and dtype (shapes not checked)."""
+    return logits.dtype in _SUPPORTED_DTYPES and (
+        logits.is_cuda or (INTERPRETED and logits.device.type == "cpu")
+    )
+
+
+def launch_config(n_cols: int, kind: str) -> tuple[int, int]:
+    """(BLOCK, num_warps) for one program per row of ``n_cols`` logits; ``kind`` is "forward" or "backward".
+
+    NOT YET MEASURED ON A GPU: no GPU was available when this was written. The choice comes from
+    sm_90 cubins compiled offline: the forward pass of LABO needs 64-68 registers per thread at 8
+    elements per thread whatever the block, so small programs pack best (1024 columns / 4 warps:
+    7-8 programs and 28-32 warps per SM) and waste least on a partial last block; the backward
+    pass keeps no running state and takes 2048 columns / 8 warps. bench/gpu_check.py sweeps
+    alternatives (--sweep) so that this table can be replaced by measured values.
+    """
+    cap = 1024 if kind == "forward" else 2048
+    block = min(triton.next_power_of_2(max(n_cols, 1)), cap)
+    return block, max(1, min(cap // 256, block // 256))
+
+
+def _check_args(logits, labels, regularizer, alpha, temperature, block_size):
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a 2-D tensor (N, K); got shape {tuple(getattr(logits, 'shape', ()))}")
+    if logits.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"logits dtype must be float32, float16, bfloat16 or float64; got {logits.dtype}")
+    n_rows, n_cols = logits.shape
+    if n_cols < 1:
+        raise ValueError("logits must have at least one class (K >= 1)")
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != n_rows:
+        raise ValueError(f"labels must have shape ({n_rows},); got {tuple(getattr(labels, 'shape', ()))}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor; got {labels.dtype}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
+    if regularizer not in MODES:
+        raise ValueError(f"regularizer must be one of {tuple(MODES)}; got {regularizer!r}")
+    mode = MODES[regularizer]
+    alpha = float(alpha)
+    if not (0.0 <= alpha < 1.0):
+        raise ValueError(f"alpha must be in [0, 1); got {alpha}")
+    if mode == 0 and alpha != 0.0:
+        raise ValueError("alpha must be 0 for regularizer='cross_entropy'")
+    temp = 1.0
+    if mode == 2:
+        if temperature is None or not math.isfinite(float(temperature)) or float(temperature) <= 0.0:
+            raise ValueError(f"temperature must be a finite positive number for 'labo'; got {temperature}")
+        temp = float(temperature)
+    if block_size is not None and (block_size < 1 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size must be a positive power of two; got {block_size}")
+    if not supports(logits):
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors (got device {logits.device}); CPU tensors are only "
+            "accepted when TRITON_INTERPRET=1 was set before triton was first imported"
+        )
+    return mode, alpha, temp
+
+
+def _prepare(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    logits = logits.detach()
+    if logits.shape[1] > 1 and logits.stride(1) != 1:
+        logits = logits.contiguous()  # rows may be strided; columns must be unit-stride
+    return logits, labels.detach().to(torch.int64).contiguous()
+
+
+def _vec(dtype: torch.dtype) -> int:
+    return max(1, 16 // torch.empty((), dtype=dtype).element_size())  # elements per 16-byte access
+
+
+def _launch(kernel, grid, args, meta, device, num_warps):
+    if INTERPRETED:
+        kernel[grid](*args, **meta)
+    else:
+        with torch.cuda.device(device):
+            # Explicit FMA contraction: today's default, pinned before Triton flips it.
+            kernel[grid](*args, **meta, num_warps=num_warps, enable_fp_fusion=True)
+
+
+def forward_rows(logits: Tensor, labels: Tensor, *, regularizer: str, alpha: float, temperature: float | None,
+                 ignore_index: int, block_size: int | None = None, num_warps: int | None = None) -> RowStats:
+    """Per-row loss and statistics in one read of the logits (see ``labo_hf.kernels``).
+
+    Args:
+        logits: (N, K) float32 / float16 / bfloat16 / float64 (math in float32), CUDA, or CPU under
+            the interpreter. Rows may be strided; a non-unit column stride is copied.
+        labels: (N,) integer class ids in [0, K) or ``ignore_index``; other values poison their row.
+        block_size, num_warps: launch overrides (tests and tuning); default ``launch_config``.
+
+    Returns:
+        RowStats of float32 (N,) tensors.
+    """
+    mode, alpha, temp = _check_args(logits, labels, regularizer, alpha, temperature, block_size)
+    logits, labels = _prepare(logits, labels)
+    n_rows, n_cols = logits.shape
+    out = RowStats(*(torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in RowStats._fields))
+    if n_rows == 0:
+        return out
+    block, warps = launch_config(n_cols, "forward")
+    if block_size is not None:
+        block, warps = block_size, max(1, min(16, block_size // 256))
+    args = (logits, labels, *out, n_cols, logits.stride(0), alpha, temp, _LOG2E / temp, math.log(n_cols),
+            int(ignore_index))
+    meta = {"MODE": mode, "BLOCK": block, "VEC": _vec(logits.dtype)}
+    _launch(_forward_kernel, (n_rows,), args, meta, logits.device, num_warps or warps)
+    return out
+
+
+def backward_rows(grad_rows: Tensor, logits: Tensor, labels: Tensor, stats: RowStats, *, regularizer: str,
+                  alpha: float, temperature: float | None, ignore_index: int, block_size: int | None = None,
+                  num_warps: int | None = None) -> Tensor:
+    """``grad_rows[i] * (p_i - q_i)`` in one more read of the logits and one write of the gradient.
+
+    Args:
+        grad_rows: (N,) upstream gradient per row, any float dtype, any stride (an expanded scalar
+            included); read on the device.
+        stats: ``forward_rows``'s result (either implementation's: the statistics are the same).
+
+    Returns:
+        (N, K) contiguous gradient in the logits' dtype.
+    """
+    mode, alpha, temp = _check_args(logits, labels, regularizer, alpha, temperature, block_size)
+    logits, labels = _prepare(logits, labels)
+    n_rows, n_cols = logits.shape
+    grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
+    if n_rows == 0:
+        return grad
+    if grad_rows.dim() != 1 or grad_rows.shape[0] != n_rows:
+        raise ValueError(f"grad_rows must have shape ({n_rows},); got {tuple(grad_rows.shape)}")
+    grad_rows = grad_rows.detach().to(device=logits.device, dtype=torch.float32)
+    stat = [t.detach().to(device=logits.device, dtype=torch.float32).contiguous()
+            for t in (stats.row_max, stats.log_sum, stats.nt_max, stats.log_sum_t)]
+    block, warps = launch_config(n_cols, "backward")
+    if block_size is not None:
+        block, warps = block_size, max(1, min(16, block_size // 256))
+    args = (grad_rows, grad_rows.stride(0), logits, labels, *stat, grad, n_cols, logits.stride(0), alpha,
+            _LOG2E / temp, int(ignore_index))
+    meta = {"MODE": mode, "BLOCK": block, "VEC": _vec(logits.dtype), "SAME_LAYOUT": logits.stride(0) == n_cols}
+    _launch(_backward_kernel, (n_rows,), args, meta, logits.device, num_warps or warps)
+    return grad
+
+
+def triton_fused_rows(logits: Tensor, labels: Tensor, *, regularizer: str, alpha: float,
+                      temperature: float | None, ignore_index: int, grad_scale: float | Tensor,
+                      block_size: int | None = None, want_grad: bool = True,
+                      num_warps: int | None = None) -> FusedRows:
+    """``forward_rows`` then, if ``want_grad``, ``backward_rows`` with ``grad_scale`` for every row.
+
+    ``grad_scale`` is a Python float or a one-element tensor (read on the device, no host sync).
+    """
+    kw = dict(regularizer=regularizer, alpha=alpha, temperature=temperature, ignore_index=ignore_index,
+              block_size=block_size, num_warps=num_warps)
+    stats = forward_rows(logits, labels, **kw)
+    grad = None
+    if want_grad:
+        if isinstance(grad_scale, Tensor) and (grad_scale.numel() != 1 or not grad_scale.dtype.is_floating_point):
+            raise ValueError("grad_scale tensor must be a single floating-point value")
+        scale = torch.as_tensor(grad_scale, dtype=torch.float32, device=logits.device).reshape(())
+        grad = backward_rows(scale.expand(logits.shape[0]), logits, labels, stats, **kw)
+    return FusedRows(stats.loss, stats.nll, stats.smoothing_entropy, grad)
