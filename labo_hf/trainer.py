@@ -334,6 +334,8 @@ class _LABOTrainerMixin:
     # regularizer-specific tags and section come from `label_regularization`.
     _tag_names = TAG_NAMES
     _paper = LABO_PAPER
+    # Whether the appended section cites `_paper`; not where the card's own template already does (trl's).
+    _labo_card_cites = True
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """`Trainer.create_model_card` plus tags naming the label regularizer and its hyperparameters, and a
@@ -353,7 +355,8 @@ class _LABOTrainerMixin:
             card = f.read()
         if MODEL_CARD_MARKER not in card:
             with open(path, "a", encoding="utf-8") as f:
-                f.write("\n" + model_card_section(*self._label_regularization, paper=self._paper))
+                f.write("\n" + model_card_section(*self._label_regularization, paper=self._paper,
+                                                  cite=self._labo_card_cites))
 
     # ---- one run, one method: arguments read once, identity recorded and checked ----
 
