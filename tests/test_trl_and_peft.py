@@ -133,6 +133,27 @@ def test_labo_sft_trainer_one_forward_per_micro_batch_exact_under_accumulation(t
     assert card.count("@inproceedings{lu2023labo") == 1  # trl's template cites `_paper`; not again
 
 
+def test_labo_sft_trainer_fused_linear_trains_the_same_without_the_logit_metrics(tmp_path):
+    from datasets import Dataset
+
+    from labo_hf import LABOSFTConfig, LABOSFTTrainer
+
+    trainers = []
+    for fused in (False, True):
+        config = _sft_arguments(tmp_path, f"fused-{fused}", 4, 1, 2, LABOSFTConfig, labo_fused_linear=fused,
+                                **LABEL_REGULARIZATION["labo"])
+        trainer = LABOSFTTrainer(model=TASKS["llama"].make_model(), args=config,
+                                 train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=_char_tokenizer())
+        trainer.train()
+        assert trainer._labo_loss_fn.last_fused == fused
+        trainers.append(trainer)
+    for a, b in zip(*(t.model.parameters() for t in trainers), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    # Without logits there is no entropy or token accuracy to log; the rest is.
+    fused_logs = [entry for entry in trainers[1].state.log_history if "loss" in entry]
+    assert all("entropy" not in entry and {"nll", "num_tokens"} <= set(entry) for entry in fused_logs)
+
+
 def test_labo_sft_trainer_refuses_what_it_does_not_compute(tmp_path):
     from datasets import Dataset
 
