@@ -3,7 +3,8 @@
 The loss math is in ``labo_hf.losses`` (pure torch), with ``labo_hf.modules`` (``LABOLoss``) and
 ``labo_hf.fused_linear`` (the loss from hidden states and lm_head weight) on top of it. ``labo_hf.loss_func``
 (``labo_loss_func``, a ``compute_loss_func`` for any Trainer), ``labo_hf.apply`` (``apply_labo``: a model's own
-loss), the Trainer subclasses in ``labo_hf.trainer`` and their arguments in ``labo_hf.arguments`` glue it in.
+loss), the Trainer subclasses in ``labo_hf.trainer`` and their arguments in ``labo_hf.arguments`` glue it in;
+``labo_hf.trl_trainer`` does the same for trl's SFTTrainer (trl is optional).
 Importing this package does not import transformers until a Trainer class is used.
 """
 
@@ -28,12 +29,15 @@ if TYPE_CHECKING:
     from labo_hf.apply import LABOHandle, apply_labo, remove_labo
     from labo_hf.arguments import LABOSeq2SeqTrainingArguments, LABOTrainingArguments
     from labo_hf.trainer import LabelRegularization, LABOSeq2SeqTrainer, LABOTrainer
+    from labo_hf.trl_trainer import LABOSFTConfig, LABOSFTTrainer
 
 __all__ = [
     "FusedLinearLABOLoss",
     "LABOHandle",
     "LABOLoss",
     "LABOLossFunction",
+    "LABOSFTConfig",
+    "LABOSFTTrainer",
     "LABOSeq2SeqTrainer",
     "LABOSeq2SeqTrainingArguments",
     "LABOTrainer",
@@ -63,6 +67,9 @@ _LAZY = {
     "LabelRegularization": "labo_hf.trainer",  # the type of `trainer.label_regularization`
     "LABOTrainingArguments": "labo_hf.arguments",
     "LABOSeq2SeqTrainingArguments": "labo_hf.arguments",
+    # trl is optional: only these two import it.
+    "LABOSFTTrainer": "labo_hf.trl_trainer",
+    "LABOSFTConfig": "labo_hf.trl_trainer",
 }
 
 

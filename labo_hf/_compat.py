@@ -17,6 +17,7 @@ from torch import nn
 __all__ = [
     "WRITTEN_AGAINST_TRANSFORMERS",
     "checkpoint_needs_weight_conversion",
+    "loop_start_training_nothing",
     "model_card_from_scratch_name",
     "reload_weights_with_conversion",
     "scratch_image_processor_class",
@@ -56,6 +57,24 @@ def reload_weights_with_conversion(model: nn.Module, folder: str) -> None:
     # strict: a name still unmatched is an error rather than a silently untrained weight. Copying into the
     # existing parameters keeps them the ones the optimizer owns.
     model.load_state_dict(reloaded.state_dict(), strict=True)
+
+
+# ---- resuming a run that is already complete ------------------------------------------------------------------
+# transformers checks max_steps only after an optimizer step (`DefaultFlowCallback.on_step_end`), and a resumed
+# run enters its epoch loop whenever the resumed epoch still has batches: resuming from the final checkpoint of a
+# finished run (rerunning the same command) trains one step past max_steps and saves checkpoint-(N+1). Only
+# when N ends an epoch is the loop ``for epoch in range(epochs_trained, num_train_epochs)`` empty, and nothing
+# trains (the usual epoch-based case). `Trainer._init_training_state` returns the ``(epochs_trained,
+# steps_trained_in_current_epoch)`` that loop starts from; the trainers return `loop_start_training_nothing`'s
+# value for a complete run, which empties the loop in every case, as transformers does at an epoch boundary.
+# Code: https://github.com/huggingface/transformers/blob/v5.25.0/src/transformers/trainer.py
+# (_inner_training_loop, _init_training_state, _run_epoch).
+
+
+def loop_start_training_nothing(num_train_epochs: int) -> tuple[int, int]:
+    """What `Trainer._init_training_state` returns for `Trainer._inner_training_loop` to run no epoch, hence
+    no step."""
+    return num_train_epochs, 0
 
 
 # ---- model card of a model built from a config --------------------------------------------------------------

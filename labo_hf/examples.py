@@ -317,6 +317,15 @@ def start_run(
     return checkpoint, identity
 
 
+def _previous_results(output_dir: str, split: str) -> dict[str, float] | None:
+    """The metrics an earlier call saved in ``{split}_results.json`` of `output_dir`, if any."""
+    path = os.path.join(output_dir, f"{split}_results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def train_evaluate_predict(
     trainer: Any,
     *,
@@ -347,7 +356,11 @@ def train_evaluate_predict(
     if args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()  # with the tokenizer or image processor, so the folder reloads with Auto classes
-        report("train", {**train_result.metrics, "train_samples": len(trainer.train_dataset)})
+        train_metrics = {**train_result.metrics, "train_samples": len(trainer.train_dataset)}
+        if getattr(trainer, "resumed_complete_run", False):
+            # The rerun of a finished run trained nothing: the results of the run are the ones it wrote then.
+            train_metrics = _previous_results(args.output_dir, "train") or train_metrics
+        report("train", train_metrics)
         trainer.save_state()
     if args.do_eval:
         logger.info("*** Evaluate ***")

@@ -53,9 +53,10 @@ def model_card_tags(regularizer: str, alpha: float, temperature: float | None) -
 
 
 def model_card_section(
-    regularizer: str, alpha: float, temperature: float | None, paper: dict[str, str] = LABO_PAPER
+    regularizer: str, alpha: float, temperature: float | None, paper: dict[str, str] = LABO_PAPER, cite: bool = True
 ) -> str:
-    """Markdown section describing the regularizer, its resolved hyperparameters and the paper to cite."""
+    """Markdown section describing the regularizer, its resolved hyperparameters and (with `cite`) the paper to
+    cite."""
     lines = [
         MODEL_CARD_MARKER,
         "",
@@ -66,12 +67,13 @@ def model_card_section(
     ]
     if temperature is not None:
         lines.append(f"- labo_temperature: {temperature}")
-    lines += [
-        "",
-        f"LABO: [{paper['title']}](https://arxiv.org/abs/{paper['id']}). Cite it as:",
-        "",
-        "```bibtex",
-        paper["citation"],
-        "```",
-    ]
+    if cite:
+        lines += [
+            "",
+            f"LABO: [{paper['title']}](https://arxiv.org/abs/{paper['id']}). Cite it as:",
+            "",
+            "```bibtex",
+            paper["citation"],
+            "```",
+        ]
     return "\n".join(lines) + "\n"

@@ -19,6 +19,8 @@ from complete checkpoints of the same run, and write checkpoints atomically (`la
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -33,6 +35,7 @@ from transformers.utils import logging
 
 from ._compat import (
     checkpoint_needs_weight_conversion,
+    loop_start_training_nothing,
     model_card_from_scratch_name,
     reload_weights_with_conversion,
 )
@@ -111,6 +114,7 @@ class _LABOTrainerMixin:
         self._labo_staging_root: str | None = None  # set while a checkpoint is being written
         self._labo_results_started = False
         self._labo_predicting = False  # inside `prediction_step`
+        self._labo_resumed_complete = False  # `train` resumed from the final checkpoint of a finished run
 
         if self.compute_loss_func is not None:
             raise ValueError(
@@ -148,6 +152,12 @@ class _LABOTrainerMixin:
     def label_regularization(self) -> LabelRegularization:
         """The regularizer, alpha and temperature this trainer uses, defaults filled in."""
         return self._label_regularization
+
+    @property
+    def resumed_complete_run(self) -> bool:
+        """Whether the latest `train` call resumed from the final checkpoint of a finished run, and so trained no
+        step."""
+        return self._labo_resumed_complete
 
     @property
     def run_identity(self) -> dict[str, Any]:
@@ -315,6 +325,9 @@ class _LABOTrainerMixin:
         if "loss" in logs:
             self._labo_check_arguments_unchanged()
             logs.update(self._labo_reduce("train", prefix=""))
+        if self._labo_resumed_complete and "train_loss" in logs:
+            # The summary of a call that trained no step: transformers would report train_loss 0.0.
+            del logs["train_loss"]
         super().log(logs, start_time)
 
     # ---- model card ----
@@ -323,6 +336,8 @@ class _LABOTrainerMixin:
     # regularizer-specific tags and section come from `label_regularization`.
     _tag_names = TAG_NAMES
     _paper = LABO_PAPER
+    # Whether the appended section cites `_paper`; not where the card's own template already does (trl's).
+    _labo_card_cites = True
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """`Trainer.create_model_card` plus tags naming the label regularizer and its hyperparameters, and a
@@ -342,7 +357,8 @@ class _LABOTrainerMixin:
             card = f.read()
         if MODEL_CARD_MARKER not in card:
             with open(path, "a", encoding="utf-8") as f:
-                f.write("\n" + model_card_section(*self._label_regularization, paper=self._paper))
+                f.write("\n" + model_card_section(*self._label_regularization, paper=self._paper,
+                                                  cite=self._labo_card_cites))
 
     # ---- one run, one method: arguments read once, identity recorded and checked ----
 
@@ -395,7 +411,49 @@ class _LABOTrainerMixin:
                 "Resume from a checkpoint of this run, or start a new run; to start from its weights alone, "
                 "load them as the model (e.g. --model_name_or_path CHECKPOINT).",
             )
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        self._labo_resumed_complete = False
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self._labo_resumed_complete:
+            # No step ran in this call, so it has no training loss; the finished run's own is in its first results.
+            output.metrics.pop("train_loss", None)
+            output = output._replace(training_loss=math.nan)
+        return output
+
+    def _init_training_state(
+        self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int,
+        resume_from_checkpoint: str | None, trial: Any,
+    ) -> tuple[int, int]:
+        """`Trainer._init_training_state`, training nothing when the resumed checkpoint ends this very run.
+
+        transformers would train one step past ``max_steps`` there (`labo_hf._compat`). A checkpoint past the end of
+        a run of another length is a ``ValueError``: resuming cannot undo steps.
+        """
+        saved_max_steps = None
+        if resume_from_checkpoint is not None:
+            state_path = os.path.join(resume_from_checkpoint, _TRAINER_STATE_NAME)
+            if os.path.isfile(state_path):
+                with open(state_path, encoding="utf-8") as f:
+                    saved_max_steps = json.load(f).get("max_steps")
+        start = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        step = self.state.global_step
+        if resume_from_checkpoint is None or step < max_steps:
+            return start
+        if saved_max_steps and saved_max_steps != max_steps:
+            raise ValueError(
+                f"Checkpoint {resume_from_checkpoint!r} is at step {step} of a run of {saved_max_steps} steps, past "
+                f"the end of this run of {max_steps} steps (max_steps={self.args.max_steps}, num_train_epochs="
+                f"{self.args.num_train_epochs}); resuming cannot undo steps. Resume with the length of the run "
+                f"that wrote it, resume from an earlier checkpoint, or start a new run in another output_dir."
+            )
+        logger.warning(
+            f"Checkpoint {resume_from_checkpoint!r} is the end of this run (step {step} of {max_steps}): the run is "
+            "already complete, so no step is trained and the model is the checkpoint's. No train_loss is reported "
+            "for this call. To train further, raise max_steps or num_train_epochs."
+        )
+        self._labo_resumed_complete = True
+        return loop_start_training_nothing(num_train_epochs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model`, plus the run record (``labo_run.json``) naming how the model was trained."""

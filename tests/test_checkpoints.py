@@ -4,6 +4,7 @@ trainers' atomic `_save_checkpoint`)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -137,3 +138,50 @@ def test_publishing_over_an_existing_checkpoint_replaces_it_whole(tmp_path):
     assert sorted(os.listdir(final)) == [MANIFEST_NAME, "model.safetensors", "trainer_state.json"]
     assert sorted(os.listdir(tmp_path)) == [".tmp-checkpoint-2", "checkpoint-2"]  # the caller removes the root
     assert check_checkpoint_complete(str(final)) is None
+
+
+def _finished_run_trainer(output_dir, **length):
+    args = LABOTrainingArguments(**common_args(
+        str(output_dir), per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="steps", save_steps=2,
+        logging_steps=1, **length,
+    ))
+    return LABOTrainer(model=tiny_vit(), args=args, train_dataset=image_examples(16), data_collator=collate)
+
+
+# 16 examples in batches of 4: 4 steps per epoch. Step 3 and epoch 1.5 (step 6) end inside an epoch, where
+# transformers 5.25 alone trains one more step on resume; epoch 1 (step 4) ends at an epoch boundary, where it
+# trains none but reports train_loss 0.0.
+@pytest.mark.parametrize("length", [{"max_steps": 3}, {"num_train_epochs": 1.5}, {"num_train_epochs": 1}],
+                         ids=["max_steps", "mid_epoch", "epoch_boundary"])
+def test_rerunning_a_finished_run_trains_nothing(tmp_path, caplog, length):
+    first = _finished_run_trainer(tmp_path, **length)
+    first.train()
+    final_step = first.state.global_step
+    checkpoints = sorted(os.listdir(tmp_path))
+    assert f"checkpoint-{final_step}" in checkpoints
+    trained = {name: p.detach().clone() for name, p in first.model.named_parameters()}
+
+    rerun = _finished_run_trainer(tmp_path, **length)  # the same command again, from a fresh model
+    with caplog.at_level("WARNING"):
+        output = rerun.train(resume_from_checkpoint=True)
+    assert f"is the end of this run (step {final_step} of {final_step})" in caplog.text
+    assert rerun.resumed_complete_run and rerun.state.global_step == final_step
+    assert sorted(os.listdir(tmp_path)) == checkpoints  # no checkpoint-(N+1), nothing rewritten beside
+    for name, p in rerun.model.named_parameters():
+        assert torch.equal(p, trained[name]), name
+    # Nothing claims a training loss for a call that trained no step.
+    assert "train_loss" not in output.metrics and math.isnan(output.training_loss)
+    assert "train_loss" not in rerun.state.log_history[-1]
+    assert output.metrics["train_steps_per_second"] == 0
+
+
+def test_resuming_past_the_end_of_a_shorter_run_is_refused(tmp_path):
+    _finished_run_trainer(tmp_path, max_steps=4).train()
+    shorter = _finished_run_trainer(tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match=r"checkpoint-4.* at step 4 of a run of 4 steps, past the end of this run "
+                                         r"of 2 steps \(max_steps=2"):
+        shorter.train(resume_from_checkpoint=True)
+    # A longer run continues from it, as before.
+    longer = _finished_run_trainer(tmp_path, max_steps=5)
+    longer.train(resume_from_checkpoint=True)
+    assert longer.state.global_step == 5 and not longer.resumed_complete_run

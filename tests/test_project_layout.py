@@ -34,6 +34,9 @@ SCRIPT_SIDE_MODULES = ["data_checks", "examples", "image_data", "output_folder",
                        "translation_data"]
 # Modules whose imports the examples extra must cover: the script side, and the plots (matplotlib).
 EXTRA_USING_MODULES = [*SCRIPT_SIDE_MODULES, "visualize"]
+# Library modules built on an optional dependency (in the dev extra, not a core one), by the top-level module they
+# import: only they import it, and `import labo_hf` reaches them lazily.
+OPTIONAL_DEPENDENCY_MODULES = {"trl_trainer": "trl"}
 # Installed with transformers itself, or optional and imported behind a check (GPU benchmarks).
 TRANSITIVE_OR_OPTIONAL = {"numpy", "safetensors", "huggingface_hub", "triton", "liger_kernel"}
 
@@ -124,3 +127,23 @@ def test_library_never_imports_the_script_side() -> None:
                 names = [alias.name.split(".")[-1] for alias in node.names if alias.name.startswith("labo_hf.")]
             used = set(names) & set(SCRIPT_SIDE_MODULES)
             assert not used, f"{path.relative_to(ROOT)} imports the script-side {sorted(used)}"
+
+
+def test_optional_dependencies_stay_in_their_modules() -> None:
+    for path in sorted((ROOT / "labo_hf").rglob("*.py")):
+        imported = _third_party_imports(path)
+        for module, dependency in OPTIONAL_DEPENDENCY_MODULES.items():
+            if path.stem != module:
+                assert dependency not in imported, f"{path.relative_to(ROOT)} imports the optional {dependency}"
+    assert not set(OPTIONAL_DEPENDENCY_MODULES.values()) & CORE
+    code = (
+        "import sys, labo_hf\n"
+        "assert 'LABOSFTTrainer' in labo_hf.__all__\n"
+        f"print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(OPTIONAL_DEPENDENCY_MODULES.values())})))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip() == "", f"optional dependencies imported by `import labo_hf`: {completed.stdout}"

@@ -309,6 +309,17 @@ def test_resume_matches_uninterrupted_run(image_data, tmp_path, monkeypatch):
     checkpoint = load_file(interrupted / "checkpoint-4" / "model.safetensors")
     assert any(not torch.equal(checkpoint[name], resumed[name]) for name in resumed)
 
+    # The same command once more on the finished run trains nothing: no checkpoint-9, the same weights, and the
+    # run's train results (its train_loss) kept rather than replaced by those of a call that trained no step.
+    finished = sorted(path.name for path in straight.iterdir())
+    train_results = (straight / "train_results.json").read_text()
+    run_main(monkeypatch, "--output_dir", str(straight), "--max_steps", "8", *common)
+    assert sorted(path.name for path in straight.iterdir()) == finished
+    rerun = load_file(straight / "model.safetensors")
+    assert all(torch.equal(rerun[name], uninterrupted[name]) for name in uninterrupted)
+    assert (straight / "train_results.json").read_text() == train_results
+    assert json.loads((straight / "all_results.json").read_text())["train_loss"] > 0
+
 
 def test_explicit_resume_from_checkpoint_must_exist(tmp_path, monkeypatch, image_data):
     missing = tmp_path / "no-such-checkpoint"
