@@ -20,10 +20,11 @@ from labo_hf.loss_func import LABOLossFunction, labo_loss_func
 from labo_hf.losses import (
     LossStats,
     label_regularized_loss,
+    label_regularized_loss_per_position,
     label_regularized_loss_with_stats,
     labo_target,
 )
-from labo_hf.modules import FusedLinearLABOLoss, LABOLoss, label_regularized_loss_per_position
+from labo_hf.modules import FusedLinearLABOLoss, LABOLoss
 
 if TYPE_CHECKING:
     from labo_hf.apply import LABOHandle, apply_labo, remove_labo

@@ -54,7 +54,26 @@ def _shifts(outputs: Any) -> bool:
 
 
 class LABOLossFunction:
-    """Callable ``(outputs, labels, num_items_in_batch=None) -> loss``; see `labo_loss_func`.
+    """A ``compute_loss_func`` for `transformers.Trainer`, `Seq2SeqTrainer` or trl's `SFTTrainer`; also built as
+    `labo_loss_func(...)`.
+
+    Args:
+        regularizer, alpha, temperature, ignore_index: as `label_regularized_loss`.
+        shift_labels: True for causal LMs (logits at i predict label i+1, as transformers' ``ForCausalLMLoss``),
+            False for classification and encoder-decoder models, None to detect it from the output class
+            (``CausalLMOutput*`` shifts).
+        fused_linear: compute a causal LM's training loss from its final hidden states and lm_head weight without
+            the (N, V) logits (`fused_linear_label_regularized_loss`). Needs ``model``; refuses models whose logits
+            are not a plain linear map (softcapping, logit scaling, a transform before the lm_head). Evaluation
+            still builds the logits.
+        model: the model the Trainer trains (only for ``fused_linear``; hooks are added, ``.remove()`` drops them).
+        chunk_size: rows per chunk of the fused loss.
+        hook_forward: for ``fused_linear``, arm the hidden-state capture from a forward pre-hook on ``model`` (False:
+            the caller arms it, as `apply_labo`'s patched forward does).
+
+    Calling it, ``(outputs, labels, num_items_in_batch=None) -> 0-dim loss``, divides the micro-batch's sum by
+    ``num_items_in_batch`` (the Trainers' whole-batch count; they multiply the loss by the number of processes), so
+    training is exact under gradient accumulation and DDP; without a count it divides by the local one.
 
     ``last_stats`` holds the `LossStats` of the latest call (sums, detached), for logging; ``last_fused`` says
     whether it came from the fused linear loss.
@@ -137,37 +156,6 @@ class LABOLossFunction:
             self.head = None
 
 
-def labo_loss_func(
-    regularizer: str = "labo",
-    alpha: float | None = None,
-    temperature: float | None = None,
-    *,
-    shift_labels: bool | None = None,
-    fused_linear: bool = False,
-    model: nn.Module | None = None,
-    ignore_index: int = -100,
-    chunk_size: int | None = None,
-) -> LABOLossFunction:
-    """A ``compute_loss_func`` for `transformers.Trainer`, `Seq2SeqTrainer` or trl's `SFTTrainer`.
-
-    Args:
-        regularizer, alpha, temperature, ignore_index: as `label_regularized_loss`.
-        shift_labels: True for causal LMs (logits at i predict label i+1, as transformers' ``ForCausalLMLoss``),
-            False for classification and encoder-decoder models, None to detect it from the output class
-            (``CausalLMOutput*`` shifts).
-        fused_linear: compute a causal LM's training loss from its final hidden states and lm_head weight without
-            the (N, V) logits (`fused_linear_label_regularized_loss`). Needs ``model``; refuses models whose logits
-            are not a plain linear map (softcapping, logit scaling, a transform before the lm_head). Evaluation
-            still builds the logits.
-        model: the model the Trainer trains (only for ``fused_linear``; hooks are added, ``.remove()`` drops them).
-        chunk_size: rows per chunk of the fused loss.
-
-    Returns:
-        A callable ``(outputs, labels, num_items_in_batch=None) -> 0-dim loss``. It divides the micro-batch's sum by
-        ``num_items_in_batch`` (the Trainers' whole-batch count; they multiply the loss by the number of processes),
-        so training is exact under gradient accumulation and DDP; without a count it divides by the local one.
-    """
-    return LABOLossFunction(
-        regularizer, alpha, temperature, shift_labels=shift_labels, fused_linear=fused_linear, model=model,
-        ignore_index=ignore_index, chunk_size=chunk_size,
-    )
+# The documented way to build one (README, ``Trainer(compute_loss_func=labo_loss_func(...))``): the class itself, so
+# that its arguments are handled in one place.
+labo_loss_func = LABOLossFunction

@@ -13,7 +13,8 @@ and its loss is the cross-entropy H(q, p) with p = softmax(logits). They differ 
 
 The loss is reduced as the sum over kept positions (labels != ignore_index) divided by
 ``num_items_in_batch`` when given (the count over the whole accumulated, all-process batch)
-and by the local kept count otherwise.
+and by the local kept count otherwise. ``label_regularized_loss_per_position`` returns the per-position
+losses unreduced, from the same op.
 
 Layering: the per-row math lives in ``labo_hf.kernels`` (one module per implementation); this
 module validates the arguments, dispatches, reduces, and owns the autograd op. It imports nothing
@@ -52,6 +53,7 @@ __all__ = [
     "LossStats",
     "check_loss_stats",
     "label_regularized_loss",
+    "label_regularized_loss_per_position",
     "label_regularized_loss_with_stats",
     "labo_target",
     "resolve_hyperparameters",
@@ -498,6 +500,82 @@ def _refuse_function_transforms(logits: Tensor) -> None:
         )
 
 
+class _Call(NamedTuple):
+    """One call's inputs after validation: logits (N, K), labels (N,) int64, kept (N,) bool, and the rest."""
+
+    logits2d: Tensor
+    labels1d: Tensor
+    kept: Tensor
+    regularizer: str
+    alpha: float
+    temperature: float | None
+    ignore_index: int
+    implementation: str
+    validate: bool
+
+
+def _prepare_call(logits: Tensor, labels: Tensor, regularizer: str, alpha: float | None,
+                  temperature: float | None, ignore_index: int, implementation: str,
+                  validate: bool | None) -> _Call:
+    alpha, temperature = resolve_hyperparameters(regularizer, alpha, temperature)
+    if validate is None:
+        # Checking needs host syncs: free on CPU, a stall per call on a GPU, a graph break under compile.
+        validate = logits.device.type == "cpu" and not torch.compiler.is_compiling()
+    if isinstance(logits, Tensor) and not torch.compiler.is_compiling():
+        _refuse_function_transforms(logits)
+    logits2d, labels1d, kept = _flatten_inputs(logits, labels, ignore_index, check_range=validate)
+    implementation = _select_implementation(implementation, logits)
+    return _Call(logits2d, labels1d, kept, regularizer, alpha, temperature, int(ignore_index), implementation,
+                 bool(validate))
+
+
+def _row_losses(call: _Call) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernels' per-row loss, NLL and H(u), each (N,) in the compute dtype, 0 at ignored rows.
+
+    The loss is differentiable: its backward takes any per-row upstream gradient (N,). An invalid row
+    (label out of range, logits that make its loss non-finite) is NaN or inf, or with ``validate`` the
+    ValueError saying why.
+    """
+    row_loss, nll, entropy, *_ = _rows_op(
+        call.logits2d, call.labels1d, call.regularizer, call.alpha,
+        call.temperature if call.temperature is not None else 1.0, call.ignore_index, call.implementation,
+        int(_CHUNK_ELEMENTS),
+    )
+    if call.validate and not bool(torch.isfinite(row_loss).all()):
+        _raise_for_non_finite(call.logits2d.detach(), call.labels1d, call.kept, call.regularizer)
+    return row_loss, nll, entropy
+
+
+def label_regularized_loss_per_position(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    regularizer: str = "labo",
+    alpha: float | None = None,
+    temperature: float | None = None,
+    ignore_index: int = -100,
+    implementation: str = "auto",
+    validate: bool | None = None,
+) -> Tensor:
+    """H(q, p) of every position, unreduced, through the same kernels as ``label_regularized_loss``.
+
+    Args:
+        logits: (..., K) float32, bf16 or fp16 (computed in float32), or float64 (computed in float64).
+        labels: (...) integer, in [0, K) or ``ignore_index``.
+        regularizer, alpha, temperature, ignore_index, implementation, validate: as
+            ``label_regularized_loss``.
+
+    Returns:
+        (...) float32 (float64 for float64 logits), 0 at ignored positions. Backward takes any upstream
+        gradient g (...) (per-position weights, a loss scale) and gives ``g * (p - q)`` per position,
+        computed in float32 and rounded once to the logits' dtype; nothing of size (N, K) is kept between
+        the passes. Without validation an invalid position's loss is NaN or inf instead of a ValueError.
+    """
+    call = _prepare_call(logits, labels, regularizer, alpha, temperature, ignore_index, implementation, validate)
+    row_loss, _, _ = _row_losses(call)
+    return row_loss.reshape(labels.shape)
+
+
 def label_regularized_loss_with_stats(
     logits: Tensor,
     labels: Tensor,
@@ -511,22 +589,12 @@ def label_regularized_loss_with_stats(
     validate: bool | None = None,
 ) -> tuple[Tensor, LossStats]:
     """``label_regularized_loss`` plus the sums needed to log it (see ``LossStats``)."""
-    alpha, temperature = resolve_hyperparameters(regularizer, alpha, temperature)
-    if validate is None:
-        # Checking needs host syncs: free on CPU, a stall per call on a GPU, a graph break under compile.
-        validate = logits.device.type == "cpu" and not torch.compiler.is_compiling()
-    if isinstance(logits, Tensor) and not torch.compiler.is_compiling():
-        _refuse_function_transforms(logits)
-    logits2d, labels1d, kept = _flatten_inputs(logits, labels, ignore_index, check_range=validate)
-    implementation = _select_implementation(implementation, logits)
+    call = _prepare_call(logits, labels, regularizer, alpha, temperature, ignore_index, implementation, validate)
+    kept = call.kept
     dtype = _compute_dtype(logits.dtype)
-    scale, poison = _reduction_scale(num_items_in_batch, kept, dtype, validate)
-    row_loss, nll, entropy, *_ = _rows_op(
-        logits2d, labels1d, regularizer, alpha, temperature if temperature is not None else 1.0,
-        int(ignore_index), implementation, int(_CHUNK_ELEMENTS),
-    )
-    if validate and not bool(torch.isfinite(row_loss).all()):
-        _raise_for_non_finite(logits2d.detach(), labels1d, kept, regularizer)
+    scale, poison = _reduction_scale(num_items_in_batch, kept, dtype, call.validate)
+    row_loss, nll, entropy = _row_losses(call)
+    # The one reducer: backward hands every row the same upstream gradient, grad_output * scale.
     loss = row_loss.sum() * scale
     with torch.no_grad():
         # A non-finite row (an invalid input not checked eagerly) poisons the count.

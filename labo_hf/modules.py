@@ -6,64 +6,18 @@ Pure torch; imports nothing from transformers.
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor, nn
 
 from labo_hf.fused_linear import fused_linear_label_regularized_loss
-from labo_hf.losses import label_regularized_loss, resolve_hyperparameters
+from labo_hf.losses import (
+    label_regularized_loss,
+    label_regularized_loss_per_position,
+    resolve_hyperparameters,
+)
 
 __all__ = ["REDUCTIONS", "FusedLinearLABOLoss", "LABOLoss", "label_regularized_loss_per_position"]
 
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def label_regularized_loss_per_position(
-    logits: Tensor, labels: Tensor, *, regularizer: str = "labo", alpha: float | None = None,
-    temperature: float | None = None, ignore_index: int = -100,
-) -> Tensor:
-    """H(q, p) of every position, differentiable by autograd (the target q is a constant, as in the reduced loss).
-
-    Args:
-        logits: (..., K) any float dtype (computed in float32).
-        labels: (...) integer, in [0, K) or ``ignore_index``.
-
-    Returns:
-        (...) float32, 0 at ignored positions. Autograd keeps (N, K) float32 intermediates: use the reduced
-        `label_regularized_loss` unless per-position weights are needed.
-    """
-    alpha, temperature = resolve_hyperparameters(regularizer, alpha, temperature)
-    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
-        raise ValueError("logits must be a floating-point tensor of shape (..., K)")
-    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels must be an integer tensor of shape {tuple(logits.shape[:-1])}")
-    num_classes = logits.shape[-1]
-    z = logits.reshape(-1, num_classes).float()
-    y = labels.reshape(-1).long()
-    kept = y != ignore_index
-    if bool((kept & ((y < 0) | (y >= num_classes))).any()):
-        raise ValueError(f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}")
-    safe_y = torch.where(kept, y, 0).unsqueeze(1)
-    logp = torch.log_softmax(z, dim=-1)
-    nll = -logp.gather(1, safe_y).squeeze(1)
-    if regularizer == "cross_entropy":
-        loss = nll
-    else:
-        with torch.no_grad():
-            if regularizer == "labo":
-                scaled = (z.detach() / temperature).scatter(1, safe_y, -math.inf)
-                # No finite non-target logit: nowhere to put the mass, the target is the one-hot label.
-                has_mass = torch.isfinite(scaled.amax(dim=-1, keepdim=True))
-                u = torch.where(has_mass, torch.softmax(scaled, dim=-1), 0.0)
-                a = torch.where(has_mass.squeeze(1), alpha, 0.0)
-            else:
-                u = torch.full_like(z, 1.0 / num_classes)
-                a = torch.full_like(nll, alpha)
-        # 0 * log p stays 0 where u has no mass, even at -inf logits.
-        smooth = -torch.where(u > 0, u * logp, 0.0).sum(-1)
-        loss = (1 - a) * nll + a * smooth
-    return torch.where(kept, loss, 0.0).reshape(labels.shape)
 
 
 class _Configured(nn.Module):
@@ -101,7 +55,8 @@ class LABOLoss(_Configured):
 
     Forward: ``logits`` (..., K), ``labels`` (...), optional ``num_items_in_batch`` (the kept count of the whole
     accumulated, all-process batch, for exact gradient accumulation and data parallelism). Returns a 0-dim float32
-    loss, or (...) float32 for ``"none"``.
+    loss, or (...) float32 for ``"none"`` (`label_regularized_loss_per_position`: the same kernels, whose backward
+    takes any per-position upstream gradient); float64 for float64 logits.
     """
 
     def __init__(self, regularizer: str = "labo", alpha: float | None = None, temperature: float | None = None,

@@ -14,7 +14,11 @@ from torch import Tensor
 
 from labo_hf.losses import resolve_hyperparameters
 
-__all__ = ["reference_label_regularized_loss", "reference_target_distribution"]
+__all__ = [
+    "reference_label_regularized_loss",
+    "reference_label_regularized_loss_per_position",
+    "reference_target_distribution",
+]
 
 
 def _compute_dtype(logits: Tensor) -> torch.dtype:
@@ -49,6 +53,27 @@ def reference_target_distribution(
     return q * kept.unsqueeze(-1)
 
 
+def reference_label_regularized_loss_per_position(
+    logits: Tensor, labels: Tensor, *, regularizer: str = "labo", alpha: float | None = None,
+    temperature: float | None = None, ignore_index: int = -100,
+) -> Tensor:
+    """Same contract as ``label_regularized_loss_per_position``, computed with full (N, K) intermediates.
+
+    Args:
+        logits: (..., K); labels: (...). Returns (...) float32 (float64 for float64 logits), 0 at ignored
+        positions.
+    """
+    num_classes = logits.shape[-1]
+    z = logits.reshape(-1, num_classes).to(_compute_dtype(logits))
+    q = reference_target_distribution(
+        z, labels.reshape(-1), regularizer=regularizer, alpha=alpha, temperature=temperature,
+        ignore_index=ignore_index,
+    )
+    logp = torch.log_softmax(z, dim=-1)
+    # 0 * log p must stay 0 where q has no mass, even for -inf logits.
+    return -torch.where(q > 0, q * logp, 0.0).sum(-1).reshape(labels.shape)
+
+
 def reference_label_regularized_loss(
     logits: Tensor, labels: Tensor, *, regularizer: str = "labo", alpha: float | None = None,
     temperature: float | None = None, ignore_index: int = -100,
@@ -59,15 +84,10 @@ def reference_label_regularized_loss(
     Args:
         logits: (..., K); labels: (...). Returns a 0-dim float32 loss.
     """
-    num_classes = logits.shape[-1]
-    z = logits.reshape(-1, num_classes).to(_compute_dtype(logits))
+    total = reference_label_regularized_loss_per_position(
+        logits, labels, regularizer=regularizer, alpha=alpha, temperature=temperature, ignore_index=ignore_index
+    ).sum()
     y = labels.reshape(-1)
-    q = reference_target_distribution(
-        z, y, regularizer=regularizer, alpha=alpha, temperature=temperature, ignore_index=ignore_index
-    )
-    logp = torch.log_softmax(z, dim=-1)
-    # 0 * log p must stay 0 where q has no mass, even for -inf logits.
-    total = -torch.where(q > 0, q * logp, 0.0).sum()
     if num_items_in_batch is None:
         denominator = (y != ignore_index).sum().clamp(min=1).float()
     elif isinstance(num_items_in_batch, Tensor):

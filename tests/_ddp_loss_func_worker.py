@@ -7,7 +7,6 @@ Trains the tiny Llama for two SGD steps (2 examples per process, 2 accumulation 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -15,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import conftest  # noqa: E402  (sets the offline environment before transformers loads)
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from _loss_func_setup import KINDS, train  # noqa: E402
+from _torchrun import worker_main, write_result  # noqa: E402
 
 
 def main(out_dir: str) -> None:
@@ -27,13 +26,8 @@ def main(out_dir: str) -> None:
             torch.save(conftest.flat_parameters(trainer.model), os.path.join(out_dir, f"{kind}.pt"))
             loss_fn = trainer.compute_loss_func or trainer._labo_loss_fn
             result[kind] = {"num_processes": trainer.accelerator.num_processes, "fused": loss_fn.last_fused}
-    if dist.get_rank() == 0:
-        with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump(result, f)
+    write_result(out_dir, result)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    # Left to interpreter shutdown, a gloo process group can abort a finished process.
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    worker_main(main)

@@ -11,7 +11,6 @@ process saw in each micro-step, the training logs and the evaluation metrics.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -20,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conftest  # noqa: E402  (sets the offline environment before transformers loads)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from _torchrun import worker_main, write_result  # noqa: E402
 
 from labo_hf.arguments import LABOTrainingArguments  # noqa: E402
 from labo_hf.trainer import LABOSeq2SeqTrainer, LABOTrainer  # noqa: E402
@@ -78,13 +78,8 @@ def main(out_dir: str) -> None:
                 "eval_metrics": metrics,
             }
     result["vit_eval"] = evaluate_vit(os.path.join(out_dir, "vit_eval"))
-    if dist.get_rank() == 0:
-        with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump(result, f)
+    write_result(out_dir, result)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    # Left to interpreter shutdown, a gloo process group can abort a finished process.
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    worker_main(main)

@@ -9,13 +9,11 @@ each test checks that the wrong reduction (mean of per-micro-batch means) misses
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _torchrun import run_two_processes
 from conftest import (
     IGNORE,
     LABEL_REGULARIZATION,
@@ -95,16 +93,7 @@ def test_gradient_accumulation_matches_full_batch(task_name, regularizer, tmp_pa
 def two_process_run(tmp_path_factory) -> tuple[Path, dict]:
     """`_ddp_worker.py` run once under torchrun with 2 CPU processes: its folder and result.json."""
     out = tmp_path_factory.mktemp("ddp")
-    worker = Path(__file__).with_name("_ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-         str(out)],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
-    )
-    if completed.returncode != 0:
-        pytest.fail(f"torchrun failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}")
-    return out, json.loads((out / "result.json").read_text())
+    return out, run_two_processes("_ddp_worker.py", out)
 
 
 def test_two_processes_match_one_process(two_process_run):

@@ -3,15 +3,10 @@ after training as `LABOTrainer`, under gradient accumulation and with two proces
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from _loss_func_setup import train
+from _torchrun import run_two_processes
 from conftest import IGNORE, TASKS, collate, flat_parameters, tiny_llama
 
 from labo_hf import label_regularized_loss, labo_loss_func
@@ -115,16 +110,7 @@ def test_shift_detection_and_errors():
 
 
 def test_two_processes_match_one_process(tmp_path):
-    worker = Path(__file__).with_name("_ddp_loss_func_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-         str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
-    )
-    if completed.returncode != 0:
-        pytest.fail(f"torchrun failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}")
-    result = json.loads((tmp_path / "result.json").read_text())
+    result = run_two_processes("_ddp_loss_func_worker.py", tmp_path)
     reference = flat_parameters(train("labo_trainer", "llama", str(tmp_path / "one"), 8, 1, 2).model)
     for kind, run in result.items():
         assert run["num_processes"] == 2 and run["fused"] == kind.endswith("_fused"), kind

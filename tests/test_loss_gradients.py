@@ -21,8 +21,18 @@ import torch
 import torch.nn.functional as F
 
 from labo_hf import losses
-from labo_hf.losses import check_loss_stats, label_regularized_loss, label_regularized_loss_with_stats
-from labo_hf.reference import reference_label_regularized_loss, reference_target_distribution
+from labo_hf.losses import (
+    check_loss_stats,
+    label_regularized_loss,
+    label_regularized_loss_per_position,
+    label_regularized_loss_with_stats,
+)
+from labo_hf.modules import LABOLoss
+from labo_hf.reference import (
+    reference_label_regularized_loss,
+    reference_label_regularized_loss_per_position,
+    reference_target_distribution,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REGULARIZER_KWARGS = {
@@ -178,6 +188,13 @@ def test_nothing_of_size_n_by_k_is_kept_for_backward(implementation):
     logits, labels = _case(12, 40)
     x = logits.clone().requires_grad_(True)
     loss = label_regularized_loss(x, labels, implementation=implementation)
+    saved = _saved_for_backward(loss)
+    assert saved, "the op saved nothing: the graph walk missed it"
+    for t in saved:
+        assert t.dim() <= 1 or t.data_ptr() == x.data_ptr(), tuple(t.shape)
+
+
+def _saved_for_backward(loss):
     saved, stack, seen = [], [loss.grad_fn], set()
     while stack:
         node = stack.pop()
@@ -186,9 +203,7 @@ def test_nothing_of_size_n_by_k_is_kept_for_backward(implementation):
         seen.add(id(node))
         saved += list(getattr(node, "saved_tensors", ()) or ())
         stack += [fn for fn, _ in node.next_functions]
-    assert saved, "the op saved nothing: the graph walk missed it"
-    for t in saved:
-        assert t.dim() <= 1 or t.data_ptr() == x.data_ptr(), tuple(t.shape)
+    return saved
 
 
 # --- validation without host syncs --------------------------------------------------------------
@@ -403,6 +418,131 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = run(torch.compile(step, fullgraph=True, backend="aot_eager"))
     torch.testing.assert_close(compiled[0], eager[0])
     torch.testing.assert_close(compiled[1], eager[1])
+    for a, b in zip(compiled[2], eager[2], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# --- per-position losses: the same kernels, a per-row upstream gradient ------------------------------
+
+def _weights(n, seed=5):
+    # Non-uniform, negative ones included: each row's gradient must get its own scale.
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 4 - 1
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("regularizer", list(REGULARIZER_KWARGS))
+def test_per_position_loss_and_gradient_equal_reference(regularizer, dtype, implementation):
+    if implementation == "triton" and dtype == torch.float64:
+        pytest.skip("float64 goes to the torch path (tested there)")
+    n, k = (40, 257) if implementation == "torch" else (24, 130)
+    logits, labels = _case(n, k, seed=4)
+    x = logits.to(dtype).reshape(4, n // 4, k)  # leading dimensions are kept
+    labels = labels.reshape(4, n // 4)
+    weights = _weights(n).reshape(labels.shape)
+    kwargs = REGULARIZER_KWARGS[regularizer]
+    leaf = x.clone().requires_grad_(True)
+    got = label_regularized_loss_per_position(leaf, labels, implementation=implementation, **kwargs)
+    got.backward(weights.to(got.dtype))
+    ref_leaf = x.double().requires_grad_(True)
+    ref = reference_label_regularized_loss_per_position(ref_leaf, labels, **kwargs)
+    ref.backward(weights)
+    assert got.shape == labels.shape and got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert leaf.grad.dtype == dtype and leaf.grad.shape == x.shape
+    ignored = labels == -100
+    assert bool((got[ignored] == 0).all()) and bool((leaf.grad[ignored] == 0).all())
+    exact = dtype == torch.float64
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-12 if exact else 1e-5,
+                               atol=1e-12 if exact else 1e-6)
+    rtol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, torch.finfo(dtype).eps)
+    torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=rtol, atol=1e-15 if exact else 1e-7)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("regularizer", list(REGULARIZER_KWARGS))
+def test_per_position_fp16_gradient_under_grad_scaler_scale(regularizer, implementation):
+    logits, labels = _case(*_shape(implementation))
+    x = logits.half()
+    kwargs = REGULARIZER_KWARGS[regularizer]
+    weights = _weights(labels.numel()).abs() + 0.5
+    count = int((labels != -100).sum())
+
+    def weighted(fn, **kw):
+        def loss(z, y):
+            rows = fn(z, y, **kwargs, **kw)
+            return (rows * weights.to(rows.dtype)).sum() / count
+        return loss
+
+    _, grad = _grad(weighted(label_regularized_loss_per_position, implementation=implementation), x, labels,
+                    65536.0)
+    _, ref = _grad(weighted(reference_label_regularized_loss_per_position), x.double(), labels, 65536.0)
+    assert grad.dtype == torch.float16 and torch.isfinite(grad).all()
+    assert _rel_l1(grad, ref) < 2e-3
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("regularizer", list(REGULARIZER_KWARGS))
+def test_reduced_loss_is_the_per_position_loss_with_a_uniform_gradient(regularizer, implementation):
+    logits, labels = _case(18, 37, seed=6)
+    kwargs = REGULARIZER_KWARGS[regularizer]
+    count = int((labels != -100).sum())
+    loss, grad = _grad(label_regularized_loss, logits, labels, 1.0, implementation=implementation, **kwargs)
+    per_position = lambda z, y: label_regularized_loss_per_position(  # noqa: E731
+        z, y, implementation=implementation, **kwargs)
+    x = logits.clone().requires_grad_(True)
+    rows = per_position(x, labels)
+    rows.backward(torch.full_like(rows, 1.0 / count))
+    torch.testing.assert_close(rows.sum() / count, loss)
+    # One backward kernel: the same upstream gradient per row gives the same bits.
+    assert torch.equal(x.grad, grad)
+    assert all(t.dim() <= 1 or t.data_ptr() == x.data_ptr() for t in _saved_for_backward(per_position(x, labels)))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize(("case", "message"), [("label", r"labels must be in \[0, 5\)"), ("nan", "NaN")])
+def test_per_position_invalid_input_is_poisoned_without_validation_and_raised_with_it(case, message,
+                                                                                       implementation):
+    logits, labels = _case(4, 5)
+    labels = labels.clone()
+    bad = 1 if case == "label" else 2
+    if case == "label":
+        labels[bad] = 5
+    else:
+        logits[bad, 3] = math.nan
+        labels[bad] = 0
+    with pytest.raises(ValueError, match=message):
+        label_regularized_loss_per_position(logits, labels, implementation=implementation)  # CPU: validates
+    x = logits.clone().requires_grad_(True)
+    rows = label_regularized_loss_per_position(x, labels, implementation=implementation, validate=False)
+    rows.backward(torch.ones_like(rows))
+    others = torch.arange(4) != bad
+    assert math.isnan(rows[bad].item()) and bool(torch.isfinite(rows[others]).all())
+    assert bool(torch.isnan(x.grad[bad]).all()) and bool(torch.isfinite(x.grad[others]).all())
+
+
+def test_per_position_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 11))
+    loss_fn = LABOLoss(reduction="none")
+    inputs = torch.randn(2, 5, 8)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, :2] = -100
+    weights = _weights(10).float().reshape(2, 5)
+
+    def step(x, y, w):
+        rows = loss_fn(model(x), y)
+        return (rows * w).sum(), rows
+
+    def run(fn):
+        model.zero_grad()
+        loss, rows = fn(inputs, labels, weights)
+        loss.backward()
+        return loss.detach(), rows.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager = run(step)
+    compiled = run(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(compiled[:2], eager[:2])
     for a, b in zip(compiled[2], eager[2], strict=True):
         torch.testing.assert_close(a, b)
 

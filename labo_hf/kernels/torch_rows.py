@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -81,6 +82,44 @@ def _label_masks(labels: Tensor, num_classes: int, ignore_index: int) -> tuple[T
     return kept, bad, safe
 
 
+class _Pass(NamedTuple):
+    """What the forward and the backward pass derive from their arguments before walking the chunks."""
+
+    logits: Tensor
+    """(N, K) detached: the chunk workers do not inherit the caller's autograd state."""
+    compute_dtype: torch.dtype
+    mode: int
+    kept: Tensor
+    """(N,) bool."""
+    bad: Tensor
+    """(N,) bool: kept but outside [0, K)."""
+    safe: Tensor
+    """(N,) labels safe to index with."""
+    step: int
+    """Rows per chunk."""
+
+    def rows(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The chunk [start, stop): logits (c, K), safe labels (c, 1), kept (c, 1)."""
+        return self.logits[start:stop], self.safe[start:stop].unsqueeze(1), self.kept[start:stop].unsqueeze(1)
+
+    def buffer(self) -> Tensor:
+        """A work buffer (rows of one chunk, K) in the compute dtype."""
+        n, num_classes = self.logits.shape
+        return torch.empty(min(self.step, n), num_classes, dtype=self.compute_dtype, device=self.logits.device)
+
+    def run(self, body, make_buffers) -> None:
+        """``body(start, stop, buffers)`` over every chunk (see ``_run_chunks``)."""
+        _run_chunks(self.logits.shape[0], self.step, self.logits.device, body, make_buffers)
+
+
+def _start_pass(logits: Tensor, labels: Tensor, regularizer: str, ignore_index: int, chunk_elements: int) -> _Pass:
+    logits = logits.detach()
+    num_classes = logits.shape[1]
+    kept, bad, safe = _label_masks(labels, num_classes, ignore_index)
+    return _Pass(logits, compute_dtype(logits.dtype), MODES[regularizer], kept, bad, safe,
+                 _chunk_rows(chunk_elements, num_classes, logits.device))
+
+
 def _mask_ignored_rows(g: Tensor, keep_col: Tensor) -> None:
     # Ignored rows may hold garbage (even NaN) logits: their gradient is exactly zero. On CPU the
     # check costs nothing and usually skips a pass; on CUDA it would be a host sync.
@@ -109,26 +148,19 @@ def forward_rows(
     Returns:
         RowStats, every field (N,) in ``compute_dtype(logits.dtype)``.
     """
-    logits = logits.detach()  # worker threads do not inherit the caller's autograd state
-    n, num_classes = logits.shape
-    ct = compute_dtype(logits.dtype)
-    device = logits.device
-    mode = MODES[regularizer]
-    kept, bad, safe = _label_masks(labels, num_classes, ignore_index)
-    out = RowStats(*(torch.zeros(n, dtype=ct, device=device) for _ in RowStats._fields))
-    step = _chunk_rows(chunk_elements, num_classes, device)
-    rows = min(step, n)
+    rp = _start_pass(logits, labels, regularizer, ignore_index, chunk_elements)
+    n, num_classes = rp.logits.shape
+    ct, mode = rp.compute_dtype, rp.mode
+    out = RowStats(*(torch.zeros(n, dtype=ct, device=logits.device) for _ in RowStats._fields))
     lowest = torch.finfo(ct).min
 
     def buffers():
-        return tuple(torch.empty(rows, num_classes, dtype=ct, device=device) for _ in range(2))
+        return rp.buffer(), rp.buffer()
 
     def chunk(start, stop, bufs):
         buf_d, buf_e = bufs
         c = stop - start
-        x = logits[start:stop]
-        y = safe[start:stop].unsqueeze(1)
-        keep = kept[start:stop].unsqueeze(1)
+        x, y, keep = rp.rows(start, stop)
         m = x.amax(dim=-1, keepdim=True).to(ct)
         # exp and sum as separate kernels: torch's fused softmax is faster but its float32
         # accumulation drifts by ~1e-6 relative at K ~ 1e5, beyond the reference tolerance.
@@ -172,7 +204,7 @@ def forward_rows(
         else:
             row_loss = row_nll
             row_entropy = torch.zeros_like(row_loss)
-        poison = torch.where(bad[start:stop].unsqueeze(1), math.nan, 0.0)
+        poison = torch.where(rp.bad[start:stop].unsqueeze(1), math.nan, 0.0)
         fields = [(out.loss, row_loss), (out.nll, row_nll), (out.smoothing_entropy, row_entropy),
                   (out.row_max, m), (out.log_sum, log_s)]
         if mode == 2:
@@ -180,7 +212,7 @@ def forward_rows(
         for dest, value in fields:
             dest[start:stop] = (torch.where(keep, value, 0.0) + poison).squeeze(1)
 
-    _run_chunks(n, step, device, chunk, buffers)
+    rp.run(chunk, buffers)
     return out
 
 
@@ -208,30 +240,22 @@ def backward_rows(
         a large ``grad_rows`` (a loss scale) lifts small entries before the rounding. Zero rows for
         ignored rows, NaN rows for poisoned ones.
     """
-    logits, grad_rows = logits.detach(), grad_rows.detach()
-    n, num_classes = logits.shape
-    ct = compute_dtype(logits.dtype)
-    device = logits.device
-    mode = MODES[regularizer]
-    kept, bad, safe = _label_masks(labels, num_classes, ignore_index)
-    coef = torch.where(kept, grad_rows.to(device=device, dtype=ct), 0.0) + torch.where(bad, math.nan, 0.0)
-    grad = torch.empty((n, num_classes), dtype=logits.dtype, device=device)
-    step = _chunk_rows(chunk_elements, num_classes, device)
-    rows = min(step, n)
+    rp = _start_pass(logits, labels, regularizer, ignore_index, chunk_elements)
+    n, num_classes = rp.logits.shape
+    ct, mode = rp.compute_dtype, rp.mode
+    coef = (torch.where(rp.kept, grad_rows.detach().to(device=logits.device, dtype=ct), 0.0)
+            + torch.where(rp.bad, math.nan, 0.0))
+    grad = torch.empty((n, num_classes), dtype=logits.dtype, device=logits.device)
     in_place = logits.dtype == ct
     inv_t = 1.0 / temperature if mode == 2 else 1.0
 
     def buffers():
-        buf_g = None if in_place else torch.empty(rows, num_classes, dtype=ct, device=device)
-        buf_u = torch.empty(rows, num_classes, dtype=ct, device=device) if mode == 2 else None
-        return buf_g, buf_u
+        return None if in_place else rp.buffer(), rp.buffer() if mode == 2 else None
 
     def chunk(start, stop, bufs):
         buf_g, buf_u = bufs
         c = stop - start
-        x = logits[start:stop]
-        y = safe[start:stop].unsqueeze(1)
-        keep = kept[start:stop].unsqueeze(1)
+        x, y, keep = rp.rows(start, stop)
         cf = coef[start:stop].unsqueeze(1)
         m = stats.row_max[start:stop].unsqueeze(1)
         log_s = stats.log_sum[start:stop].unsqueeze(1)
@@ -264,28 +288,17 @@ def backward_rows(
         if not in_place:
             grad[start:stop].copy_(g)
 
-    _run_chunks(n, step, device, chunk, buffers)
+    rp.run(chunk, buffers)
     return grad
 
 
-def fused_rows(
-    logits: Tensor,
-    labels: Tensor,
-    *,
-    regularizer: str,
-    alpha: float,
-    temperature: float | None,
-    ignore_index: int,
-    grad_scale: float | Tensor,
-    want_grad: bool = True,
-    chunk_elements: int = CHUNK_ELEMENTS,
-) -> FusedRows:
-    """``forward_rows`` then, if ``want_grad``, ``backward_rows`` with ``grad_scale`` for every row."""
-    kw = dict(regularizer=regularizer, alpha=alpha, temperature=temperature, ignore_index=ignore_index,
-              chunk_elements=chunk_elements)
-    stats = forward_rows(logits, labels, **kw)
+def fused_rows(logits: Tensor, labels: Tensor, *, grad_scale: float | Tensor, want_grad: bool = True,
+               **config) -> FusedRows:
+    """``forward_rows(logits, labels, **config)`` then, if ``want_grad``, ``backward_rows`` with ``grad_scale``
+    for every row (``config``: ``forward_rows``'s keywords)."""
+    stats = forward_rows(logits, labels, **config)
     grad = None
     if want_grad:
         scale = torch.as_tensor(grad_scale, dtype=stats.loss.dtype, device=logits.device).reshape(())
-        grad = backward_rows(scale.expand(logits.shape[0]), logits, labels, stats, **kw)
+        grad = backward_rows(scale.expand(logits.shape[0]), logits, labels, stats, **config)
     return FusedRows(stats.loss, stats.nll, stats.smoothing_entropy, grad)

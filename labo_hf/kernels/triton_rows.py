@@ -198,6 +198,21 @@ def _gradient(z, is_target, m, log_s2, nt_shift, inv_t_log2e, log_st2, q_y, a_u,
 
 
 @triton.jit
+def _gradient_block(src, dst, is_target, mask, m, log_s2, nt_shift, inv_t_log2e, log_st2, q_y, a_u, uniform, coef,
+                    MODE: tl.constexpr, MASKED: tl.constexpr):
+    """Load one block of logits, write its gradient; MASKED=False for the main loop (vector accesses)."""
+    if MASKED:
+        z = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    else:
+        z = tl.load(src).to(tl.float32)
+    g = _gradient(z, is_target, m, log_s2, nt_shift, inv_t_log2e, log_st2, q_y, a_u, uniform, coef, MODE)
+    if MASKED:
+        tl.store(dst, g.to(dst.dtype.element_ty), mask=mask)
+    else:
+        tl.store(dst, g.to(dst.dtype.element_ty))
+
+
+@triton.jit
 def _backward_kernel(
     grad_rows_ptr, stride_grad_rows, logits_ptr, labels_ptr, row_max_ptr, log_sum_ptr, nt_max_ptr,
     log_sum_t_ptr, grad_ptr, n_cols, stride_row, alpha, inv_t_log2e, ignore_index,
@@ -251,22 +266,16 @@ def _backward_kernel(
             body_grad = grad_row + head
 
         in_head = offs < head
-        z = tl.load(row_ptr + offs, mask=in_head, other=0.0).to(tl.float32)
-        g = _gradient(z, offs == label32, m, log_s2, nt_shift, inv_t_log2e, log_st2, q_y, a_u, uniform,
-                      coef, MODE)
-        tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_head)
+        _gradient_block(row_ptr + offs, grad_row + offs, offs == label32, in_head, m, log_s2, nt_shift,
+                        inv_t_log2e, log_st2, q_y, a_u, uniform, coef, MODE, True)
         for start in range(0, body_end - head, BLOCK):
             start = tl.multiple_of(start, BLOCK)
-            z = tl.load(body_ptr + start + offs).to(tl.float32)
-            g = _gradient(z, head + start + offs == label32, m, log_s2, nt_shift, inv_t_log2e, log_st2,
-                          q_y, a_u, uniform, coef, MODE)
-            tl.store(body_grad + start + offs, g.to(grad_ptr.dtype.element_ty))
+            _gradient_block(body_ptr + start + offs, body_grad + start + offs, head + start + offs == label32,
+                            in_head, m, log_s2, nt_shift, inv_t_log2e, log_st2, q_y, a_u, uniform, coef, MODE,
+                            False)
         cols = body_end + offs
-        in_tail = cols < n_cols
-        z = tl.load(row_ptr + cols, mask=in_tail, other=0.0).to(tl.float32)
-        g = _gradient(z, cols == label32, m, log_s2, nt_shift, inv_t_log2e, log_st2, q_y, a_u, uniform,
-                      coef, MODE)
-        tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_tail)
+        _gradient_block(row_ptr + cols, grad_row + cols, cols == label32, cols < n_cols, m, log_s2, nt_shift,
+                        inv_t_log2e, log_st2, q_y, a_u, uniform, coef, MODE, True)
 
 
 # Triton fixes interpreter vs compiled mode when it is first imported, so TRITON_INTERPRET=1 must
@@ -416,21 +425,18 @@ def backward_rows(grad_rows: Tensor, logits: Tensor, labels: Tensor, stats: RowS
     return grad
 
 
-def triton_fused_rows(logits: Tensor, labels: Tensor, *, regularizer: str, alpha: float,
-                      temperature: float | None, ignore_index: int, grad_scale: float | Tensor,
-                      block_size: int | None = None, want_grad: bool = True,
-                      num_warps: int | None = None) -> FusedRows:
-    """``forward_rows`` then, if ``want_grad``, ``backward_rows`` with ``grad_scale`` for every row.
+def triton_fused_rows(logits: Tensor, labels: Tensor, *, grad_scale: float | Tensor, want_grad: bool = True,
+                      **config) -> FusedRows:
+    """``forward_rows(logits, labels, **config)`` then, if ``want_grad``, ``backward_rows`` with ``grad_scale``
+    for every row (``config``: ``forward_rows``'s keywords).
 
     ``grad_scale`` is a Python float or a one-element tensor (read on the device, no host sync).
     """
-    kw = dict(regularizer=regularizer, alpha=alpha, temperature=temperature, ignore_index=ignore_index,
-              block_size=block_size, num_warps=num_warps)
-    stats = forward_rows(logits, labels, **kw)
+    stats = forward_rows(logits, labels, **config)
     grad = None
     if want_grad:
         if isinstance(grad_scale, Tensor) and (grad_scale.numel() != 1 or not grad_scale.dtype.is_floating_point):
             raise ValueError("grad_scale tensor must be a single floating-point value")
         scale = torch.as_tensor(grad_scale, dtype=torch.float32, device=logits.device).reshape(())
-        grad = backward_rows(scale.expand(logits.shape[0]), logits, labels, stats, **kw)
+        grad = backward_rows(scale.expand(logits.shape[0]), logits, labels, stats, **config)
     return FusedRows(stats.loss, stats.nll, stats.smoothing_entropy, grad)
