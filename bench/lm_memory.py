@@ -10,9 +10,10 @@ another's high-water mark. Methods:
 * ``torch_ls``    ``F.cross_entropy(label_smoothing=alpha)`` on the float32 logits (the usual baseline);
 * ``liger_ls``    (CUDA with liger-kernel installed) Liger's fused linear cross-entropy with label smoothing.
 
-Memory on CPU: the process's resident-set high-water mark (VmHWM) over the timed steps, and the same minus the
-resident set just before the first step (what the step itself adds: activations, logits, gradients). On CUDA:
-``torch.cuda.max_memory_allocated``.
+Memory on CPU, alike for every method: the process's resident-set high-water mark (VmHWM) over the timed steps;
+the same less the file-backed resident pages (library code), i.e. the heap memory at the peak; and the peak minus
+the resident set just before the first timed step, after the warm-up's freed memory was returned to the OS
+(what the step itself adds: activations, logits, gradients). On CUDA: ``torch.cuda.max_memory_allocated``.
 
     python bench/lm_memory.py                 # CPU preset
     python bench/lm_memory.py --preset gpu    # bf16 model, batch 4 x 4096, + liger_ls if installed
