@@ -10,9 +10,10 @@ another's high-water mark. Methods:
 * ``torch_ls``    ``F.cross_entropy(label_smoothing=alpha)`` on the float32 logits (the usual baseline);
 * ``liger_ls``    (CUDA with liger-kernel installed) Liger's fused linear cross-entropy with label smoothing.
 
-Memory on CPU: the process's resident-set high-water mark (VmHWM) over the timed steps, and the same minus the
-resident set just before the first step (what the step itself adds: activations, logits, gradients). On CUDA:
-``torch.cuda.max_memory_allocated``.
+Memory on CPU, alike for every method: the process's resident-set high-water mark (VmHWM) over the timed steps;
+the same less the file-backed resident pages (library code), i.e. the heap memory at the peak; and the peak minus
+the resident set just before the first timed step, after the warm-up's freed memory was returned to the OS
+(what the step itself adds: activations, logits, gradients). On CUDA: ``torch.cuda.max_memory_allocated``.
 
     python bench/lm_memory.py                 # CPU preset
     python bench/lm_memory.py --preset gpu    # bf16 model, batch 4 x 4096, + liger_ls if installed
@@ -77,6 +78,17 @@ def _clear_high_water_mark() -> None:
     # Writing 5 to clear_refs resets VmHWM to the current resident set (Linux).
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def _release_free_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _status_bytes(field: str) -> int:
@@ -167,9 +179,12 @@ def run_worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        # Freed warm-up memory stays mapped in the allocator; the high-water mark then covers the timed steps.
+        # Every method alike: give the warm-up's freed heap memory back to the OS (glibc keeps it resident
+        # otherwise), so that 'before' is the memory in use, then restart the high-water mark for the timed steps.
+        _release_free_memory()
         _clear_high_water_mark()
         before = _status_bytes("VmRSS")
+        file_before = _status_bytes("RssFile")
     times, losses = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -178,9 +193,16 @@ def run_worker(args) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")
-    return {"method": args.worker, "peak_bytes": peak, "step_peak_bytes": peak - before, "before_bytes": before,
-            "runtime_bytes": runtime, "times": times, "loss": losses[-1],
-            "parameters": sum(p.numel() for p in model.parameters())}
+    result = {"method": args.worker, "peak_bytes": peak, "step_peak_bytes": peak - before, "before_bytes": before,
+              "runtime_bytes": runtime, "times": times, "loss": losses[-1],
+              "parameters": sum(p.numel() for p in model.parameters())}
+    if not cuda:
+        # The resident set also counts file-backed pages (the code of torch's libraries), which no tensor uses.
+        # They only grow, so the peak minus their count at the end is the anonymous (heap) memory at the peak,
+        # give or take pages first touched after it: the CPU counterpart of max_memory_allocated.
+        file_after = _status_bytes("RssFile")
+        result.update(file_before_bytes=file_before, file_after_bytes=file_after, peak_anon_bytes=peak - file_after)
+    return result
 
 
 # ---- parent ----
@@ -219,10 +241,14 @@ def main(argv=None) -> list[dict]:
             "method": method, "peak_bytes": max(run["peak_bytes"] for run in method_runs),
             "step_peak_bytes": max(run["step_peak_bytes"] for run in method_runs),
             "runtime_bytes": max(run["runtime_bytes"] for run in method_runs),
+            "before_bytes": max(run["before_bytes"] for run in method_runs),
             "step_seconds": times[0], "median_step_seconds": times[len(times) // 2], "times": times,
             "loss": method_runs[-1]["loss"], "parameters": method_runs[-1]["parameters"], "rounds": args.rounds,
             "machine": info,
         }
+        if not cuda:
+            record["peak_anon_bytes"] = max(run["peak_anon_bytes"] for run in method_runs)
+            record["file_bytes"] = max(run["file_after_bytes"] for run in method_runs)
         record.update({key: getattr(args, key) for key in ("preset", "batch_size", "seq_len", "vocab", "hidden",
                                                           "layers", "dtype", "device", "steps", "warmup")})
         records.append(record)
@@ -231,32 +257,53 @@ def main(argv=None) -> list[dict]:
         r["peak_ratio_vs_labo_full"] = r["peak_bytes"] / base["peak_bytes"]
         r["step_peak_ratio_vs_labo_full"] = r["step_peak_bytes"] / max(base["step_peak_bytes"], 2**20)
         r["time_ratio_vs_labo_full"] = r["step_seconds"] / base["step_seconds"]
+        r["median_time_ratio_vs_labo_full"] = r["median_step_seconds"] / base["median_step_seconds"]
+        if not cuda:
+            r["peak_anon_ratio_vs_labo_full"] = r["peak_anon_bytes"] / base["peak_anon_bytes"]
     tag = args.tag or args.preset
     write_jsonl(args.out_dir / f"lm_memory_{tag}.jsonl", records)
-    rows = [[r["method"], f"{r['peak_bytes'] / 2**20:.0f}", f"{r['peak_ratio_vs_labo_full']:.2f}",
-             f"{r['step_peak_bytes'] / 2**20:.0f}", f"{r['step_peak_ratio_vs_labo_full']:.2f}",
-             f"{r['step_seconds']:.2f}", f"{r['median_step_seconds']:.2f}", f"{r['time_ratio_vs_labo_full']:.2f}",
-             f"{r['loss']:.4f}"] for r in records]
-    memory = "torch.cuda.max_memory_allocated" if cuda else "resident-set high-water mark (VmHWM)"
+    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    rows = [[r["method"], mib(r["peak_bytes"]), f"{r['peak_ratio_vs_labo_full']:.2f}"]
+            + ([] if cuda else [mib(r["peak_anon_bytes"]), f"{r['peak_anon_ratio_vs_labo_full']:.2f}"])
+            + [mib(r["before_bytes"]), mib(r["step_peak_bytes"]), f"{r['step_peak_ratio_vs_labo_full']:.2f}",
+               f"{r['step_seconds']:.2f}", f"{r['time_ratio_vs_labo_full']:.2f}", f"{r['median_step_seconds']:.2f}",
+               f"{r['median_time_ratio_vs_labo_full']:.2f}", f"{r['loss']:.4f}"] for r in records]
+    header = (["method", "peak MiB", "× labo_full"] + ([] if cuda else ["peak anon MiB", "× labo_full"])
+              + ["before MiB", "step adds MiB", "× labo_full", "fastest step s", "× labo_full", "median step s",
+                 "× labo_full", "loss"])
+    if cuda:
+        memory = ("torch.cuda.max_memory_allocated; 'before' is the memory allocated just before the timed steps and "
+                  "'step adds' the peak minus it")
+    else:
+        memory = (
+            "the resident-set high-water mark (VmHWM) over the timed steps; 'peak anon' is the same less the "
+            "file-backed resident pages (the code of torch and its libraries; "
+            f"{min(r['file_bytes'] for r in records) / 2**20:.0f}-{max(r['file_bytes'] for r in records) / 2**20:.0f}"
+            " MiB), i.e. the heap memory at the peak, the CPU counterpart of max_memory_allocated. 'before' is the "
+            "resident set just before the timed steps, after the warm-up's freed memory was returned to the OS "
+            "(gc.collect + malloc_trim, in every method), and 'step adds' the peak minus it"
+        )
     text = (
         f"# lm_memory ({tag})\n\nMachine: {describe_machine(info)}.{' ' + args.note if args.note else ''}\n\n"
         f"LlamaForCausalLM from config: {args.layers} layer(s), hidden {args.hidden}, V={args.vocab}, "
         f"{base['parameters'] / 1e6:.1f}M parameters, {args.dtype}; batch {args.batch_size} x {args.seq_len} tokens, "
-        f"10% of labels ignored; forward + loss + backward + SGD step; {args.steps} timed step(s) after "
-        f"{args.warmup} warm-up step(s) in each of {args.rounds} fresh process(es) per method, run in turn. Memory: "
-        f"{memory} (the largest over the processes); 'step adds' is the peak minus the memory in use just before "
-        "the timed steps. The process's memory after importing torch, transformers and labo_hf, before building the "
-        f"model, was {base['runtime_bytes'] / 2**20:.0f} MiB.\n\n"
-        + md_table(["method", "peak MiB", "× labo_full", "step adds MiB", "× labo_full", "fastest step s",
-                    "median step s", "× labo_full (fastest)", "loss"], rows)
+        f"10% of labels ignored; forward + loss + backward + SGD step; the same model, batch, dtype and measurement "
+        f"for every method. {args.steps} timed step(s) after {args.warmup} warm-up step(s) in each of {args.rounds} "
+        f"fresh process(es) per method, methods run in turn (round-robin). Memory: {memory}; each the largest over "
+        "the processes. Times: the fastest and the median of all timed steps of a method. The process's memory "
+        f"after importing torch, transformers and labo_hf, before building the model, was "
+        f"{base['runtime_bytes'] / 2**20:.0f} MiB.\n\n"
+        + md_table(header, rows)
         + "\n"
     )
     fused = next((r for r in records if r["method"] == "labo_fused"), None)
     if fused is not None and base["method"] == "labo_full":
+        anon = "" if cuda else f", heap memory at the peak {fused['peak_anon_ratio_vs_labo_full']:.2f}x"
         text += (
-            f"\nFused-linear vs full-logits LABO: peak memory {fused['peak_ratio_vs_labo_full']:.2f}x (the step's own "
-            f"memory {fused['step_peak_ratio_vs_labo_full']:.2f}x), step time {fused['time_ratio_vs_labo_full']:.2f}x "
-            "(goal: at most 0.5x the memory at at most 1.3x the time).\n"
+            f"\nFused-linear vs full-logits LABO: peak memory {fused['peak_ratio_vs_labo_full']:.2f}x{anon}, the "
+            f"step's own memory {fused['step_peak_ratio_vs_labo_full']:.2f}x; step time "
+            f"{fused['time_ratio_vs_labo_full']:.2f}x (fastest steps), {fused['median_time_ratio_vs_labo_full']:.2f}x "
+            "(medians) (goal: at most 0.5x the memory at at most 1.3x the time).\n"
         )
     (args.out_dir / f"lm_memory_{tag}.md").write_text(text)
     print(text)

@@ -99,7 +99,13 @@ class _FusedLinearLoss(torch.autograd.Function):
                     # In place: no (V, H) temporary per chunk.
                     grad_weight.addmm_(grad_logits.T, h)
                 else:
-                    grad_weight.add_(grad_logits.T @ h)
+                    # Low precision: the chunk's product goes to the float32 sum in blocks of rows of V, so the
+                    # temporary is one block of about a chunk's logits in size, not a second (V, H) matrix.
+                    grad_t = grad_logits.T
+                    block = max(1, _CHUNK_ELEMENTS // h.shape[1])
+                    for v in range(0, grad_t.shape[0], block):
+                        grad_weight[v:v + block].add_(grad_t[v:v + block] @ h)
+                    del grad_t
             if grad_bias is not None:
                 grad_bias.add_(grad_logits.sum(0, dtype=torch.float32))
             del grad_logits
