@@ -2,10 +2,11 @@
 
 For a causal LM with a vocabulary of 128k-256k entries, the logits and their gradient are most of a training
 step's activation memory. Here the rows go through the lm_head in chunks: each chunk's logits, the gradient
-of its loss (from the public `label_regularized_loss`, with the whole call's denominator so that the chunk
-losses add up to the call's loss) and its contributions to the hidden, weight and bias gradients are
-computed in the forward pass, and the chunk's logits are freed before the next. Backward only scales the
-stored gradients by the upstream gradient.
+of its summed loss (from the public `label_regularized_loss_with_stats`, at unit scale) and its
+contributions to the hidden, weight and bias gradients (summed in float32) are computed in the forward pass,
+and the chunk's logits are freed before the next. The call's loss is the sum times 1 / the one reducer's
+denominator (`labo_hf.losses`); backward scales the stored gradients by the upstream gradient times that
+factor, in float32, and rounds them once.
 
 Pure torch; imports nothing from transformers.
 """
@@ -15,7 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from labo_hf.losses import LossStats, label_regularized_loss_with_stats, resolve_hyperparameters
+from labo_hf.losses import (
+    LossStats,
+    _reduction_scale,
+    label_regularized_loss_with_stats,
+    resolve_hyperparameters,
+)
 
 __all__ = ["fused_linear_label_regularized_loss", "fused_linear_label_regularized_loss_with_stats"]
 
@@ -41,30 +47,11 @@ def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor |
                          + ("" if bias is None else f" and {bias.dtype}"))
 
 
-def _denominator(num_items_in_batch: int | float | Tensor | None, kept: Tensor) -> Tensor:
-    """The reduction's denominator for the whole call, as a 0-dim float32 tensor (the public loss's rule)."""
-    if num_items_in_batch is None:
-        return kept.sum().clamp(min=1).float()
-    if isinstance(num_items_in_batch, Tensor):
-        if num_items_in_batch.numel() != 1:
-            raise ValueError(
-                f"num_items_in_batch must be a single count, got shape {tuple(num_items_in_batch.shape)}"
-            )
-        return num_items_in_batch.reshape(()).to(kept.device, torch.float32).clamp(min=1)
-    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, int | float):
-        raise ValueError(f"num_items_in_batch must be a number or a tensor, got {num_items_in_batch!r}")
-    if not num_items_in_batch >= 0:
-        raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch!r}")
-    if num_items_in_batch == 0 and bool(kept.any()):
-        raise ValueError("num_items_in_batch=0 but labels has kept positions")
-    return torch.tensor(max(float(num_items_in_batch), 1.0), device=kept.device)
-
-
 class _FusedLinearLoss(torch.autograd.Function):
     """Loss and statistics of the kept rows; the gradients are computed in forward, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, loss_kwargs, denominator, chunk_rows):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, labels, loss_kwargs, scale, chunk_rows):  # noqa: D102
         needs = ctx.needs_input_grad[:3]
         want_grad = any(needs)
         kept_idx = (labels != loss_kwargs["ignore_index"]).nonzero().squeeze(1)
@@ -83,8 +70,11 @@ class _FusedLinearLoss(torch.autograd.Function):
             logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
             with torch.enable_grad():
                 logits.requires_grad_(want_grad)
+                # A sum (denominator 1): the logits' gradient is p - q at unit scale, so that fp16 does not
+                # flush its small entries to 0 as it would after a division by the batch's count; 1 / count
+                # joins the upstream gradient in backward, in float32.
                 loss, stats = label_regularized_loss_with_stats(
-                    logits, labels.index_select(0, idx), num_items_in_batch=denominator, **loss_kwargs
+                    logits, labels.index_select(0, idx), num_items_in_batch=1, **loss_kwargs
                 )
                 grad_logits = torch.autograd.grad(loss, logits)[0] if want_grad else None
             loss_sum += loss.detach()
@@ -109,13 +99,13 @@ class _FusedLinearLoss(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias.add_(grad_logits.sum(0, dtype=torch.float32))
             del grad_logits
-        ctx.save_for_backward(*(g if g is not None else zero for g in (grad_hidden, grad_weight, grad_bias)))
+        ctx.save_for_backward(scale, *(g if g is not None else zero for g in (grad_hidden, grad_weight, grad_bias)))
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
         ctx.used = False
         num_kept = torch.tensor(float(kept_idx.numel()), device=hidden.device)
         ctx.mark_non_differentiable(nll_sum, target_prob_sum, entropy_sum, num_kept)
-        return loss_sum, nll_sum, target_prob_sum, entropy_sum, num_kept
+        return loss_sum * scale, nll_sum, target_prob_sum, entropy_sum, num_kept
 
     @staticmethod
     def backward(ctx, grad_output, *unused):  # noqa: D102
@@ -125,11 +115,12 @@ class _FusedLinearLoss(torch.autograd.Function):
                 "loss instead of using retain_graph=True"
             )
         ctx.used = True
-        scale = grad_output.float()
+        call_scale, *saved = ctx.saved_tensors
+        scale = grad_output.float() * call_scale
         # In place: a second float32 copy of the (V, H) weight gradient would add its size to the peak.
         grads = [
             g.mul_(scale).to(dtype) if has else None
-            for g, has, dtype in zip(ctx.saved_tensors, ctx.has, ctx.dtypes, strict=True)
+            for g, has, dtype in zip(saved, ctx.has, ctx.dtypes, strict=True)
         ]
         return grads[0], grads[1], grads[2], None, None, None, None
 
@@ -160,14 +151,17 @@ def fused_linear_label_regularized_loss_with_stats(
     if bool(out_of_range.any()):
         raise ValueError(f"labels must be in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}; "
                          f"found {labels[out_of_range][:5].tolist()}")
-    denominator = _denominator(num_items_in_batch, kept)
+    # The one reducer's rule and checks (no silent clamp of a zero, negative or non-finite count).
+    validate = hidden.device.type == "cpu" and not torch.compiler.is_compiling()
+    scale, poison = _reduction_scale(num_items_in_batch, kept, torch.float32, validate)
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=hidden.device)
     loss_kwargs = {"regularizer": regularizer, "alpha": alpha, "temperature": temperature,
                    "ignore_index": ignore_index}
     loss, nll, target_prob, entropy, num_kept = _FusedLinearLoss.apply(
-        hidden, weight, bias, labels, loss_kwargs, denominator, chunk_size
+        hidden, weight, bias, labels, loss_kwargs, scale, chunk_size
     )
     return loss, LossStats(nll_sum=nll, target_prob_sum=target_prob, smoothing_entropy_sum=entropy,
-                           num_kept=num_kept)
+                           num_kept=num_kept + poison)
 
 
 def fused_linear_label_regularized_loss(

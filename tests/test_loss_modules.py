@@ -205,3 +205,33 @@ def test_fused_linear_backward_twice_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+@pytest.mark.parametrize("loss_scale", [1.0, 65536.0])
+def test_fused_linear_fp16_under_a_loss_scale(loss_scale):
+    # As under fp16 autocast + GradScaler: fp16 hidden states and lm_head, a scaled fp32 loss. The logits'
+    # gradient (p - q) / N must not be rounded to fp16 before the scale lifts it (it underflowed before).
+    n, h, v = 512, 16, 32000
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64) * 0.3
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[::7] = IGNORE
+    h16, w16 = (t.to(torch.float16).requires_grad_() for t in (hidden, weight))
+    loss = fused_linear_label_regularized_loss(h16, w16, labels, regularizer="labo", alpha=0.1, temperature=2.0)
+    (loss * loss_scale).backward()
+    h_ref, w_ref = (t.to(torch.float16).double().requires_grad_() for t in (hidden, weight))
+    expected = reference_label_regularized_loss(h_ref @ w_ref.T, labels, regularizer="labo", alpha=0.1,
+                                                temperature=2.0)
+    (expected * loss_scale).backward()
+    for got, ref in ((h16.grad, h_ref.grad), (w16.grad, w_ref.grad)):
+        assert bool(torch.isfinite(got).all())
+        rel_l1 = float((got.double() - ref).abs().sum() / ref.abs().sum())
+        assert rel_l1 < 2e-3, rel_l1
+
+
+def test_fused_linear_num_items_in_batch_is_validated_not_clamped():
+    hidden, weight, bias, labels = _hidden_problem()
+    for bad in (torch.tensor(0), torch.tensor(-5), torch.tensor(float("inf")), float("inf"), -1):
+        with pytest.raises(ValueError, match="num_items_in_batch"):
+            fused_linear_label_regularized_loss(hidden.float(), weight.float(), labels, num_items_in_batch=bad)
