@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import os
+import zlib
 from typing import Any
 
 from datasets import Dataset, Features, Value, load_dataset
@@ -49,8 +50,12 @@ def read_lines(path: str) -> list[str]:
     would silently shift the alignment of parallel files.
     """
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        # A truncated download or copy: name the file instead of a traceback from inside gzip.
+        raise ValueError(f"{path}: corrupt or truncated gzip file ({err}).") from err
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
