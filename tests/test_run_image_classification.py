@@ -409,6 +409,18 @@ def test_arguments_from_yaml_and_json_files(tmp_path):
     assert args.labo_temperature == 1.5 and data_args.train_dir == "d" and args.do_train and args.do_eval
 
 
+def test_arguments_file_with_a_typo_names_the_file_key_and_flag(tmp_path):
+    yaml_file = tmp_path / "args.yaml"
+    yaml_file.write_text("output_dir: out\nlabo_temprature: 1.5\n")
+    with pytest.raises(ValueError, match=r"args\.yaml: unknown argument\(s\) 'labo_temprature' \(did you mean "
+                       r"'labo_temperature'\?\)"):
+        script.parse_arguments([str(yaml_file)])
+    json_file = tmp_path / "args.json"
+    json_file.write_text(json.dumps({"output_dir": "out", "zzz_qqq": 1}))
+    with pytest.raises(ValueError, match=r"args\.json: unknown argument\(s\) 'zzz_qqq'; `--help`"):
+        script.parse_arguments([str(json_file)])
+
+
 def test_help_lists_labo_flags():
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
