@@ -366,6 +366,14 @@ def test_folder_layouts(image_data, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="--validation_dir=.* holds no images in class folders"):
         script.load_image_folders(None, str(tmp_path / "empty"), None)
+    # A truncated zip (an interrupted download) is named as such.
+    with zipfile.ZipFile(tmp_path / "whole.zip", "w") as archive:
+        for image in sorted((nested / "train").rglob("*.png")):
+            archive.write(image, image.relative_to(nested))
+    data = (tmp_path / "whole.zip").read_bytes()
+    (tmp_path / "cut.zip").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"--train_dir=.*cut\.zip' is neither a folder nor a zip file \(truncated"):
+        script.load_image_folders(str(tmp_path / "cut.zip"), None, None)
 
 
 def test_script_defaults_never_override_user_flags():
