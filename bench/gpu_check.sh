@@ -10,6 +10,13 @@
 # Usage: bash bench/gpu_check.sh [extra gpu_check.py flags]
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Refuse at once without a GPU: before the pytest run (minutes on a CPU) and before writing anything into
+# bench/results/gpu/. On CPU, bench/gpu_check.py --dry_run with TRITON_INTERPRET=1 exercises the same code.
+if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "gpu_check.sh: no CUDA device (or no torch in this Python); nothing run, nothing written." >&2
+    echo "On CPU: TRITON_INTERPRET=1 python bench/gpu_check.py --dry_run --sweep --out_dir /tmp/gpu_check" >&2
+    exit 2
+fi
 OUT=bench/results/gpu
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

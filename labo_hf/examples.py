@@ -17,6 +17,8 @@ Script-side glue: the library (`labo_hf.trainer` and below) never imports this m
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -180,6 +182,7 @@ def parse_args(
     parser = HfArgumentParser(dataclass_types, description=description, formatter_class=HelpFormatter)
     if len(argv) == 1 and argv[0].endswith(ARGUMENT_FILE_SUFFIXES):
         file_arguments = _read_argument_file(argv[0])
+        _check_argument_file_keys(argv[0], file_arguments, dataclass_types)
         defaults = script_defaults(set(file_arguments), file_arguments) if script_defaults else {}
         # parse_dict converts nothing, so give the defaults the types the command line would produce.
         typed_defaults = {key: _typed(parser, key, value) for key, value in defaults.items()}
@@ -193,6 +196,19 @@ def parse_args(
     # The defaults come first, so that nothing the user typed can be overridden by them.
     default_flags = [token for key, value in defaults.items() for token in (f"--{key}", value)]
     return tuple(parser.parse_args_into_dataclasses(args=default_flags + argv)), defaults
+
+
+def _check_argument_file_keys(name: str, arguments: dict[str, Any], dataclass_types: Sequence[type]) -> None:
+    """A key of an arguments file that no flag has (a typo) is an error naming the file, the key and the
+    closest flags, as the command line does, instead of transformers' bare list of unused keys."""
+    known = {field.name for dataclass_type in dataclass_types for field in dataclasses.fields(dataclass_type)}
+    unknown = sorted(key for key in arguments if key not in known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"{name}: unknown argument(s) {', '.join(hints)}; `--help` lists every flag.")
 
 
 def _read_argument_file(name: str) -> dict[str, Any]:

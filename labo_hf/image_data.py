@@ -82,7 +82,8 @@ def load_image_folders(
         if not os.path.exists(path):
             raise ValueError(f"{flag}={path!r}: no such folder or zip file")
         if not (os.path.isdir(path) or zipfile.is_zipfile(path)):
-            raise ValueError(f"{flag}={path!r} is neither a folder nor a zip file")
+            hint = " (truncated or corrupt? its zip directory cannot be read)" if path.lower().endswith(".zip") else ""
+            raise ValueError(f"{flag}={path!r} is neither a folder nor a zip file{hint}")
         pairs = _image_label_pairs_from_folder(path, flag)
         if not pairs:
             raise ValueError(

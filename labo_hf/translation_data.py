@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import os
+import zlib
 from typing import Any
 
 from datasets import Dataset, Features, Value, load_dataset
@@ -49,8 +50,12 @@ def read_lines(path: str) -> list[str]:
     would silently shift the alignment of parallel files.
     """
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        # A truncated download or copy: name the file instead of a traceback from inside gzip.
+        raise ValueError(f"{path}: corrupt or truncated gzip file ({err}).") from err
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -78,9 +83,22 @@ def read_parallel_text(prefix: str, source_key: str, target_key: str, flag: str)
     )
 
 
+def check_gzip_complete(path: str, flag: str) -> None:
+    """Read a .gz file through once (streaming), so that a truncated or corrupt one is an error naming it
+    rather than a failure deep inside the datasets builder."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{flag}={path!r}: corrupt or truncated gzip file ({err}).") from err
+
+
 def load_local_file(path: str, flag: str, cache_dir: str | None) -> Dataset:
     """A json lines or csv/tsv file as a data set (csv/tsv columns kept as text, never parsed as numbers)."""
     builder = local_file_format(path)
+    if path.endswith(".gz"):
+        check_gzip_complete(path, flag)
     if builder == "json":
         return load_dataset("json", data_files={"data": path}, split="data", cache_dir=cache_dir)
     is_tsv = path.removesuffix(".gz").lower().endswith(".tsv")

@@ -22,7 +22,7 @@ def _rows(path: Path) -> list[dict]:
 @pytest.mark.parametrize("task,needed", [("translation", "multi30k/train.de.gz"), ("image", "cifar10/train.zip")])
 def test_dry_run_writes_paired_results(task, needed, tmp_path):
     if not (DATA / needed).exists():
-        pytest.skip(f"{DATA / needed} not available")
+        pytest.skip(f"{DATA / needed} not available (set $LABO_DATA_DIR or put the data in ../shared/data)")
     import efficacy_gpu
 
     efficacy_gpu.main(["--task", task, "--dry_run", "--data_dir", str(DATA), "--out_dir", str(tmp_path),

@@ -35,3 +35,16 @@ def test_gpu_check_dry_run(tmp_path):
 
 def test_gpu_check_shell_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], check=True)
+
+
+def test_gpu_check_shell_script_refuses_without_cuda(tmp_path):
+    """On a CPU-only machine the script stops at once with a clear message and writes no results."""
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no CUDA device" in proc.stderr

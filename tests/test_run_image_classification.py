@@ -377,6 +377,14 @@ def test_folder_layouts(image_data, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="--validation_dir=.* holds no images in class folders"):
         script.load_image_folders(None, str(tmp_path / "empty"), None)
+    # A truncated zip (an interrupted download) is named as such.
+    with zipfile.ZipFile(tmp_path / "whole.zip", "w") as archive:
+        for image in sorted((nested / "train").rglob("*.png")):
+            archive.write(image, image.relative_to(nested))
+    data = (tmp_path / "whole.zip").read_bytes()
+    (tmp_path / "cut.zip").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"--train_dir=.*cut\.zip' is neither a folder nor a zip file \(truncated"):
+        script.load_image_folders(str(tmp_path / "cut.zip"), None, None)
 
 
 def test_script_defaults_never_override_user_flags():
@@ -418,6 +426,18 @@ def test_arguments_from_yaml_and_json_files(tmp_path):
     json_file.write_text(json.dumps({"output_dir": "out", "labo_temperature": 1.5, "train_dir": "d"}))
     _, data_args, args, _ = script.parse_arguments([str(json_file)])
     assert args.labo_temperature == 1.5 and data_args.train_dir == "d" and args.do_train and args.do_eval
+
+
+def test_arguments_file_with_a_typo_names_the_file_key_and_flag(tmp_path):
+    yaml_file = tmp_path / "args.yaml"
+    yaml_file.write_text("output_dir: out\nlabo_temprature: 1.5\n")
+    with pytest.raises(ValueError, match=r"args\.yaml: unknown argument\(s\) 'labo_temprature' \(did you mean "
+                       r"'labo_temperature'\?\)"):
+        script.parse_arguments([str(yaml_file)])
+    json_file = tmp_path / "args.json"
+    json_file.write_text(json.dumps({"output_dir": "out", "zzz_qqq": 1}))
+    with pytest.raises(ValueError, match=r"args\.json: unknown argument\(s\) 'zzz_qqq'; `--help`"):
+        script.parse_arguments([str(json_file)])
 
 
 def test_help_lists_labo_flags():

@@ -342,6 +342,24 @@ def test_missing_data_file(tmp_path: Path, run_main) -> None:
         run_main(args)
 
 
+def test_truncated_gzip_parallel_file_is_named(tmp_path: Path) -> None:
+    write_parallel(tmp_path / "p", ["ein Satz"] * 200, ["a sentence"] * 200, gz=True)
+    data = (tmp_path / "p.de.gz").read_bytes()
+    (tmp_path / "p.de.gz").write_bytes(data[: len(data) // 2])  # a truncated copy
+    with pytest.raises(ValueError, match=r"p\.de\.gz: corrupt or truncated gzip file"):
+        run_translation.read_parallel_text(str(tmp_path / "p"), "de", "en", "--train_prefix")
+    (tmp_path / "p.de.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=r"p\.de\.gz: corrupt or truncated gzip file"):
+        run_translation.read_parallel_text(str(tmp_path / "p"), "de", "en", "--train_prefix")
+    # json lines and csv through --train_file: the flag and the file, not an error from the datasets builder.
+    rows = "".join(json.dumps({"translation": {"de": f"Satz {i}", "en": f"sentence {i}"}}) + "\n" for i in range(2000))
+    for name, text in (("t.jsonl.gz", rows), ("t.csv.gz", "de,en\n" + "Satz,sentence\n" * 2000)):
+        data = gzip.compress(text.encode("utf-8"))
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match=rf"--train_file=.*{name.replace('.', '[.]')}': corrupt or truncated gzip"):
+            run_translation.load_local_file(str(tmp_path / name), "--train_file", str(tmp_path / "c"))
+
+
 def test_misaligned_parallel_files_name_both_files(toy_text: Path, tmp_path: Path, run_main) -> None:
     lines = first_lines(toy_text / "train.en")
     (toy_text / "train.en").write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
