@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         write_predictions=prediction_writer(class_names, training_args.output_dir),
         model_card={
             "tasks": "image-classification", "tags": ["image-classification", "vision"], "dataset": dataset_label,
-            "finetuned_from": model_args.model_name_or_path,
+            "finetuned_from": model_args.model_name_or_path, "dataset_tags": data_args.dataset_name,
         },  # fmt: skip
     )
     if "eval_accuracy" in all_metrics and trainer.is_world_process_zero():

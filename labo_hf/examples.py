@@ -397,6 +397,9 @@ def train_evaluate_predict(
             write_predictions(output)
 
     card = {key: value for key, value in (model_card or {}).items() if value is not None}
+    if os.path.exists(str(card.get("dataset_tags", ""))):
+        # The card's `datasets:` metadata names Hub datasets; a local folder's path means nothing on the Hub.
+        del card["dataset_tags"]
     if args.push_to_hub:
         trainer.push_to_hub(**card)
     else:

@@ -212,6 +212,23 @@ def test_dataset_name_local_folder_with_held_out_validation(image_data, tmp_path
     assert results["train_samples"] == 30 and results["eval_samples"] == 6
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "blue", "1": "green", "2": "red"}
+    # A local folder is no Hub dataset: the card's metadata must not list its path.
+    assert str(image_data["train"]) not in (tmp_path / "out" / "README.md").read_text().split("---")[1]
+
+
+def test_dataset_tags_of_hub_datasets_reach_the_card(monkeypatch):
+    from labo_hf import examples
+
+    cards = []
+
+    class FakeTrainer:
+        args = type("Args", (), {"do_train": False, "do_eval": False, "do_predict": False, "push_to_hub": False})
+
+        def create_model_card(self, **card):
+            cards.append(card)
+
+    examples.train_evaluate_predict(FakeTrainer(), checkpoint=None, model_card={"dataset_tags": "cifar10"})
+    assert cards == [{"dataset_tags": "cifar10"}]
 
 
 def test_plain_labels_get_one_mapping_across_splits():
