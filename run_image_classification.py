@@ -377,7 +377,8 @@ def load_data(
         if split in raw and limits[split] is not None and limits[split] < len(raw[split]):
             raw[split] = raw[split].shuffle(seed=training_args.seed).select(range(limits[split]))
         if needed:  # every image decoded once now, rather than a crash mid-epoch
-            source = data_args.dataset_name or dirs[split] or data_args.train_dir or "the digits data"
+            held_out = data_args.train_dir and f"held out from --train_dir={data_args.train_dir}"
+            source = data_args.dataset_name or dirs[split] or held_out or "the digits data"
             with training_args.main_process_first(desc=f"checking the {split} images"):
                 raw[split], _ = check_images(raw[split], image_column, where=f"The {split} images ({source})",
                                              skip_bad_images=data_args.skip_bad_images, cache_dir=model_args.cache_dir,
