@@ -18,6 +18,7 @@ from torch import Tensor
 
 from labo_hf.losses import (
     LossStats,
+    _default_validate,
     _reduction_scale,
     label_regularized_loss_with_stats,
     resolve_hyperparameters,
@@ -152,8 +153,7 @@ def fused_linear_label_regularized_loss_with_stats(
         raise ValueError(f"labels must be in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}; "
                          f"found {labels[out_of_range][:5].tolist()}")
     # The one reducer's rule and checks (no silent clamp of a zero, negative or non-finite count).
-    validate = hidden.device.type == "cpu" and not torch.compiler.is_compiling()
-    scale, poison = _reduction_scale(num_items_in_batch, kept, torch.float32, validate)
+    scale, poison = _reduction_scale(num_items_in_batch, kept, torch.float32, _default_validate(hidden))
     scale = torch.as_tensor(scale, dtype=torch.float32, device=hidden.device)
     loss_kwargs = {"regularizer": regularizer, "alpha": alpha, "temperature": temperature,
                    "ignore_index": ignore_index}

@@ -514,13 +514,18 @@ class _Call(NamedTuple):
     validate: bool
 
 
+def _default_validate(tensor: Tensor) -> bool:
+    """Whether a call on ``tensor`` validates eagerly by default."""
+    # Checking needs host syncs: free on CPU, a stall per call on a GPU, a graph break under compile.
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _prepare_call(logits: Tensor, labels: Tensor, regularizer: str, alpha: float | None,
                   temperature: float | None, ignore_index: int, implementation: str,
                   validate: bool | None) -> _Call:
     alpha, temperature = resolve_hyperparameters(regularizer, alpha, temperature)
     if validate is None:
-        # Checking needs host syncs: free on CPU, a stall per call on a GPU, a graph break under compile.
-        validate = logits.device.type == "cpu" and not torch.compiler.is_compiling()
+        validate = _default_validate(logits)
     if isinstance(logits, Tensor) and not torch.compiler.is_compiling():
         _refuse_function_transforms(logits)
     logits2d, labels1d, kept = _flatten_inputs(logits, labels, ignore_index, check_range=validate)
