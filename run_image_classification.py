@@ -104,9 +104,18 @@ from transformers import (
 )
 
 from labo_hf import LABOTrainer, LABOTrainingArguments
-from labo_hf._compat import scratch_image_processor_class
-from labo_hf.data_checks import check_images
-from labo_hf.examples import (
+from labo_hf.analysis.metrics import classification_metrics
+from labo_hf.examples.data_checks import check_images
+from labo_hf.examples.image_data import (
+    AugmentationEpochCallback,
+    ProcessedImageDataset,
+    RandomCropFlip,
+    collate_fn,
+    load_digits_dataset,
+    load_image_folders,
+)
+from labo_hf.examples.launch import check_hub_reachable_or_local, hub_load_errors, shutdown_distributed
+from labo_hf.examples.runtime import (
     ExampleDataArguments,
     ExampleModelArguments,
     argument,
@@ -115,16 +124,7 @@ from labo_hf.examples import (
     start_run,
     train_evaluate_predict,
 )
-from labo_hf.image_data import (
-    AugmentationEpochCallback,
-    ProcessedImageDataset,
-    RandomCropFlip,
-    collate_fn,
-    load_digits_dataset,
-    load_image_folders,
-)
-from labo_hf.metrics import classification_metrics
-from labo_hf.script_utils import check_hub_reachable_or_local, hub_load_errors, shutdown_distributed
+from labo_hf.hf._compat import scratch_image_processor_class
 
 logger = logging.getLogger(__name__)
 

@@ -64,8 +64,9 @@ from sacrebleu.metrics import BLEU, CHRF
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from labo_hf import LABOSeq2SeqTrainer, LABOSeq2SeqTrainingArguments
-from labo_hf.data_checks import drop_blank_text_pairs
-from labo_hf.examples import (
+from labo_hf.examples.data_checks import drop_blank_text_pairs
+from labo_hf.examples.launch import hub_load_errors, shutdown_distributed
+from labo_hf.examples.runtime import (
     ExampleDataArguments,
     ExampleModelArguments,
     argument,
@@ -74,14 +75,13 @@ from labo_hf.examples import (
     start_run,
     train_evaluate_predict,
 )
-from labo_hf.script_utils import hub_load_errors, shutdown_distributed
-from labo_hf.seq2seq_from_scratch import (
+from labo_hf.examples.seq2seq_from_scratch import (
     SCRATCH_MODEL_TYPES,
     TOKENIZER_MODELS,
     scratch_config,
     train_tokenizer,
 )
-from labo_hf.translation_data import (
+from labo_hf.examples.translation_data import (
     load_local_file,
     local_file_format,
     read_parallel_text,

@@ -112,7 +112,7 @@ def _training_args(spec: dict, tmp: str, steps_per_epoch: int, seq2seq: bool):
 def binned_calibration(stats: torch.Tensor | None, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Running per-bin (count, confidence sum, correct sum) plus an NLL sum, on the logits' device.
 
-    The equal-width bins of labo_hf.metrics.expected_calibration_error, accumulated batch by batch so that
+    The equal-width bins of labo_hf.analysis.metrics.expected_calibration_error, accumulated batch by batch so that
     no (tokens, vocab) array is ever gathered (27 concurrent runs would not fit it in host memory)."""
     keep = labels != -100
     logp = torch.log_softmax(logits[keep].float(), dim=-1)
@@ -272,7 +272,7 @@ def run_image(spec: dict) -> dict:
         out = trainer.train()
         train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    from labo_hf.metrics import classification_metrics
+    from labo_hf.analysis.metrics import classification_metrics
 
     model.eval()
     xte, yte = data["test"]["images"].to(device), data["test"]["labels"]

@@ -65,7 +65,7 @@ def main(argv=None):
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from labo_hf.visualize import plot_target_distributions, target_distributions
+    from labo_hf.analysis.figures import plot_target_distributions, target_distributions
 
     model_dir = find_or_train_model(args)
     src_lang, tgt_lang = args.direction.split("-")

@@ -72,7 +72,7 @@ def make_case(n, k, dtype, device, seed=0):
 
 
 def loss_and_grad(logits, labels, grad_output, **kwargs):
-    from labo_hf.losses import label_regularized_loss
+    from labo_hf.loss.functional import label_regularized_loss
 
     x = logits.detach().clone().requires_grad_(True)
     loss = label_regularized_loss(x, labels, validate=False, **kwargs)
@@ -162,7 +162,7 @@ def timed(fn, logits, labels, device, repeats):
 
 
 def bench(args, device, records):
-    from labo_hf.losses import label_regularized_loss
+    from labo_hf.loss.functional import label_regularized_loss
 
     methods = {
         "torch_ls_bf16": lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1),
@@ -243,7 +243,7 @@ def sweep(args, device, records):
 
 def check_compile(device, records):
     """torch.compile(fullgraph=True) with Inductor on this device: same loss and gradient as eager."""
-    from labo_hf.losses import label_regularized_loss_with_stats
+    from labo_hf.loss.functional import label_regularized_loss_with_stats
 
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 1000).to(device)

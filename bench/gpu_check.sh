@@ -22,8 +22,8 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-timeout 150 python -m pytest -q -p no:cacheprovider -x tests/test_triton_kernels.py tests/test_loss_gradients.py \
-    tests/test_losses.py > "$OUT/pytest.txt" 2>&1 || status=1
+timeout 150 python -m pytest -q -p no:cacheprovider -x tests/kernels/test_triton_rows.py tests/loss/test_gradients.py \
+    tests/loss/test_functional.py > "$OUT/pytest.txt" 2>&1 || status=1
 tail -3 "$OUT/pytest.txt"
 timeout 200 python bench/gpu_check.py --out_dir "$OUT" --sweep "$@" 2>&1 | tee "$OUT/gpu_check.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

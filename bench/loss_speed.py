@@ -115,7 +115,7 @@ def parse_args(argv=None):
 
 def build_methods(args, device: torch.device):
     """name -> (description, fn(logits, labels) -> scalar loss). Missing optional backends are skipped."""
-    from labo_hf.losses import label_regularized_loss
+    from labo_hf.loss.functional import label_regularized_loss
 
     a, t = args.alpha, args.temperature
     methods = {}
@@ -148,13 +148,13 @@ def build_methods(args, device: torch.device):
                                      z, y, regularizer="cross_entropy", implementation=impl))
     if not args.no_reference:
         try:
-            from labo_hf.reference import reference_label_regularized_loss
+            from labo_hf.loss.reference import reference_label_regularized_loss
 
             methods["labo_reference"] = ("naive reference (autograd over explicit u*)",
                                          lambda z, y: reference_label_regularized_loss(
                                              z, y, regularizer="labo", alpha=a, temperature=t))
         except ImportError as e:
-            print(f"labo_hf.reference not importable ({e}): skipping the reference path")
+            print(f"labo_hf.loss.reference not importable ({e}): skipping the reference path")
     if device.type == "cuda":
         try:
             from liger_kernel.transformers import LigerCrossEntropyLoss

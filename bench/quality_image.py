@@ -218,8 +218,8 @@ def config_key(c: dict) -> str:
 
 
 def train_and_eval(cfg: dict, args, data) -> dict:
-    from labo_hf.arguments import LABOTrainingArguments
-    from labo_hf.trainer import LABOTrainer
+    from labo_hf.hf.arguments import LABOTrainingArguments
+    from labo_hf.hf.trainers import LABOTrainer
 
     train_ds, test_ds = data
     model = _seeded_model(cfg, args)

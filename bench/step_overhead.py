@@ -8,7 +8,7 @@ them alike, and the median step time is reported. Losses:
 * ``torch_ls``  F.cross_entropy(label_smoothing=alpha, ignore_index=-100) on fp32 logits (what
   most training code, and transformers' label smoothing, amounts to): the baseline of the ratios;
 * ``torch_ce``  F.cross_entropy without smoothing;
-* ``labo`` / ``label_smoothing`` / ``cross_entropy``  labo_hf.losses.label_regularized_loss.
+* ``labo`` / ``label_smoothing`` / ``cross_entropy``  labo_hf.loss.functional.label_regularized_loss.
 
     python bench/step_overhead.py                           # CPU: batch 8 x 32 tokens, 3 steps
     python bench/step_overhead.py --preset gpu              # bf16 autocast, batch 32 x 128 tokens
@@ -82,7 +82,7 @@ def build_model(args):
 
 
 def loss_fns(args):
-    from labo_hf.losses import label_regularized_loss
+    from labo_hf.loss.functional import label_regularized_loss
 
     a, t = args.alpha, args.temperature
     fns = {

@@ -1,10 +1,10 @@
 """labo-hf: LABO label regularization (optimal label smoothing) for Hugging Face Transformers.
 
-The loss math is in ``labo_hf.losses`` (pure torch), with ``labo_hf.modules`` (``LABOLoss``) and
-``labo_hf.fused_linear`` (the loss from hidden states and lm_head weight) on top of it. ``labo_hf.loss_func``
-(``labo_loss_func``, a ``compute_loss_func`` for any Trainer), ``labo_hf.apply`` (``apply_labo``: a model's own
-loss), the Trainer subclasses in ``labo_hf.trainer`` and their arguments in ``labo_hf.arguments`` glue it in;
-``labo_hf.trl_trainer`` does the same for trl's SFTTrainer (trl is optional).
+The loss math is in ``labo_hf.loss.functional`` (pure torch), with ``labo_hf.loss.modules`` (``LABOLoss``) and
+``labo_hf.loss.fused_linear`` (the loss from hidden states and lm_head weight) on top of it. ``labo_hf.hf.model_loss``
+(``labo_loss_func``, a ``compute_loss_func`` for any Trainer), ``labo_hf.hf.apply`` (``apply_labo``: a model's own
+loss), the Trainer subclasses in ``labo_hf.hf.trainers`` and their arguments in ``labo_hf.hf.arguments`` glue it in;
+``labo_hf.hf.sft_trainer`` does the same for trl's SFTTrainer (trl is optional).
 Importing this package does not import transformers until a Trainer class is used.
 """
 
@@ -12,31 +12,34 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from labo_hf.fused_linear import (
+from labo_hf.loss import (
+    FusedLinearLABOLoss,
+    LABOLoss,
+    LossConfig,
+    LossStats,
+    check_loss_stats,
     fused_linear_label_regularized_loss,
     fused_linear_label_regularized_loss_with_stats,
-)
-from labo_hf.loss_func import LABOLossFunction, labo_loss_func
-from labo_hf.losses import (
-    LossStats,
     label_regularized_loss,
     label_regularized_loss_per_position,
     label_regularized_loss_with_stats,
     labo_target,
 )
-from labo_hf.modules import FusedLinearLABOLoss, LABOLoss
 
 if TYPE_CHECKING:
-    from labo_hf.apply import LABOHandle, apply_labo, remove_labo
-    from labo_hf.arguments import LABOSeq2SeqTrainingArguments, LABOTrainingArguments
-    from labo_hf.trainer import LabelRegularization, LABOSeq2SeqTrainer, LABOTrainer
-    from labo_hf.trl_trainer import LABOSFTConfig, LABOSFTTrainer
-
+    from labo_hf.hf.apply import LABOHandle, apply_labo, remove_labo
+    from labo_hf.hf.arguments import LabelRegularization, LABOSeq2SeqTrainingArguments, LABOTrainingArguments
+    from labo_hf.hf.loss_mixin import LABOLossMixin
+    from labo_hf.hf.model_loss import LABOLossFunction, labo_loss_func
+    from labo_hf.hf.run_guard import RunGuardMixin
+    from labo_hf.hf.sft_trainer import LABOSFTConfig, LABOSFTTrainer
+    from labo_hf.hf.trainers import LABOSeq2SeqTrainer, LABOTrainer
 __all__ = [
     "FusedLinearLABOLoss",
     "LABOHandle",
     "LABOLoss",
     "LABOLossFunction",
+    "LABOLossMixin",
     "LABOSFTConfig",
     "LABOSFTTrainer",
     "LABOSeq2SeqTrainer",
@@ -44,8 +47,11 @@ __all__ = [
     "LABOTrainer",
     "LABOTrainingArguments",
     "LabelRegularization",
+    "LossConfig",
     "LossStats",
+    "RunGuardMixin",
     "apply_labo",
+    "check_loss_stats",
     "fused_linear_label_regularized_loss",
     "fused_linear_label_regularized_loss_with_stats",
     "label_regularized_loss",
@@ -60,17 +66,21 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {
-    "apply_labo": "labo_hf.apply",
-    "remove_labo": "labo_hf.apply",
-    "LABOHandle": "labo_hf.apply",
-    "LABOTrainer": "labo_hf.trainer",
-    "LABOSeq2SeqTrainer": "labo_hf.trainer",
-    "LabelRegularization": "labo_hf.trainer",  # the type of `trainer.label_regularization`
-    "LABOTrainingArguments": "labo_hf.arguments",
-    "LABOSeq2SeqTrainingArguments": "labo_hf.arguments",
+    "apply_labo": "labo_hf.hf.apply",
+    "remove_labo": "labo_hf.hf.apply",
+    "LABOHandle": "labo_hf.hf.apply",
+    "LABOLossFunction": "labo_hf.hf.model_loss",
+    "labo_loss_func": "labo_hf.hf.model_loss",
+    "LABOLossMixin": "labo_hf.hf.loss_mixin",
+    "RunGuardMixin": "labo_hf.hf.run_guard",
+    "LABOTrainer": "labo_hf.hf.trainers",
+    "LABOSeq2SeqTrainer": "labo_hf.hf.trainers",
+    "LabelRegularization": "labo_hf.hf.arguments",  # the type of `trainer.label_regularization`
+    "LABOTrainingArguments": "labo_hf.hf.arguments",
+    "LABOSeq2SeqTrainingArguments": "labo_hf.hf.arguments",
     # trl is optional: only these two import it.
-    "LABOSFTTrainer": "labo_hf.trl_trainer",
-    "LABOSFTConfig": "labo_hf.trl_trainer",
+    "LABOSFTTrainer": "labo_hf.hf.sft_trainer",
+    "LABOSFTConfig": "labo_hf.hf.sft_trainer",
 }
 
 

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conftest  # noqa: E402  (sets the offline environment before transformers loads)
 from transformers import Trainer  # noqa: E402
 
-from labo_hf.arguments import LABOTrainingArguments  # noqa: E402
-from labo_hf.trainer import LABOTrainer  # noqa: E402
+from labo_hf.hf.arguments import LABOTrainingArguments  # noqa: E402
+from labo_hf.hf.trainers import LABOTrainer  # noqa: E402
 
 
 def train(out_dir: str, max_steps: int, kill_at_step: int | None = None) -> LABOTrainer:

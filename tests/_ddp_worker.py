@@ -21,8 +21,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from _torchrun import worker_main, write_result  # noqa: E402
 
-from labo_hf.arguments import LABOTrainingArguments  # noqa: E402
-from labo_hf.trainer import LABOSeq2SeqTrainer, LABOTrainer  # noqa: E402
+from labo_hf.hf.arguments import LABOTrainingArguments  # noqa: E402
+from labo_hf.hf.trainers import LABOSeq2SeqTrainer, LABOTrainer  # noqa: E402
 
 REGULARIZER = "labo"
 RUNS = {"bs8_ga1": (8, 1), "bs4_ga2": (4, 2)}

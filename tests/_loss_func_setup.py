@@ -35,8 +35,8 @@ def train(kind: str, task_name: str, output_dir: str, batch_size: int, accumulat
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
     from labo_hf import labo_loss_func
-    from labo_hf.arguments import LABOSeq2SeqTrainingArguments, LABOTrainingArguments
-    from labo_hf.trainer import LABOSeq2SeqTrainer, LABOTrainer
+    from labo_hf.hf.arguments import LABOSeq2SeqTrainingArguments, LABOTrainingArguments
+    from labo_hf.hf.trainers import LABOSeq2SeqTrainer, LABOTrainer
 
     task = TASKS[task_name]
     model = task.make_model()

@@ -254,8 +254,8 @@ def one_sgd_step(task_name: str, output_dir: str, per_device_batch_size: int, ac
     function of the accumulated gradient. `extra_args` go to the training arguments (e.g. the label
     regularization fields). Returns the trainer.
     """
-    from labo_hf.arguments import LABOSeq2SeqTrainingArguments, LABOTrainingArguments
-    from labo_hf.trainer import LABOSeq2SeqTrainer, LABOTrainer
+    from labo_hf.hf.arguments import LABOSeq2SeqTrainingArguments, LABOTrainingArguments
+    from labo_hf.hf.trainers import LABOSeq2SeqTrainer, LABOTrainer
 
     task = TASKS[task_name]
     args_cls = LABOSeq2SeqTrainingArguments if task.seq2seq else LABOTrainingArguments

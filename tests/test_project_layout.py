@@ -1,5 +1,6 @@
-"""The project's shape: thin example scripts, and a core package that needs only torch, transformers and
-accelerate (what the scripts and benchmarks need on top comes with the ``examples`` extra)."""
+"""The project's shape: layers as folders with dependencies pointing one way, small modules, thin example scripts,
+and a core package that needs only torch, transformers and accelerate (what the scripts and benchmarks need on top
+comes with the ``examples`` extra)."""
 
 from __future__ import annotations
 
@@ -29,14 +30,26 @@ EXAMPLE_ONLY_MODULES = {
     "yaml": "pyyaml",
     "matplotlib": "matplotlib",
 }
-# Script-side modules of the package: imported by the scripts, never by the library.
-SCRIPT_SIDE_MODULES = ["data_checks", "examples", "image_data", "output_folder", "script_utils", "seq2seq_from_scratch",
-                       "translation_data"]
-# Modules whose imports the examples extra must cover: the script side, and the plots (matplotlib).
-EXTRA_USING_MODULES = [*SCRIPT_SIDE_MODULES, "visualize"]
+# The package's layers in dependency order: a module may import labo_hf.<layer> only for layers at or before its own.
+LAYERS = ["kernels", "loss", "hf", "analysis", "examples"]
+PACKAGE = ROOT / "labo_hf"
+# Modules whose imports the examples extra must cover: the scripts' runtime, and the plots (matplotlib).
+EXTRA_USING_FILES = [*sorted((PACKAGE / "examples").glob("*.py")), PACKAGE / "analysis" / "figures.py"]
 # Library modules built on an optional dependency (in the dev extra, not a core one), by the top-level module they
 # import: only they import it, and `import labo_hf` reaches them lazily.
-OPTIONAL_DEPENDENCY_MODULES = {"trl_trainer": "trl"}
+OPTIONAL_DEPENDENCY_MODULES = {"sft_trainer": "trl"}
+MAX_MODULE_LINES = 400
+MAX_CLASS_LINES = 300
+MAX_LIBRARY_FUNCTION_LINES = 80
+# Every public name of labo_hf 0.1, importable from the package itself.
+PUBLIC_NAMES = {
+    "FusedLinearLABOLoss", "LABOHandle", "LABOLoss", "LABOLossFunction", "LABOLossMixin", "LABOSFTConfig",
+    "LABOSFTTrainer", "LABOSeq2SeqTrainer", "LABOSeq2SeqTrainingArguments", "LABOTrainer", "LABOTrainingArguments",
+    "LabelRegularization", "LossConfig", "LossStats", "RunGuardMixin", "apply_labo", "check_loss_stats",
+    "fused_linear_label_regularized_loss", "fused_linear_label_regularized_loss_with_stats", "label_regularized_loss",
+    "label_regularized_loss_per_position", "label_regularized_loss_with_stats", "labo_loss_func", "labo_target",
+    "remove_labo",
+}
 # Installed with transformers itself, or optional and imported behind a check (GPU benchmarks).
 TRANSITIVE_OR_OPTIONAL = {"numpy", "safetensors", "huggingface_hub", "triton", "liger_kernel"}
 
@@ -87,7 +100,7 @@ def _third_party_imports(path: Path) -> set[str]:
 
 def test_examples_extra_covers_what_scripts_and_benchmarks_import() -> None:
     bench = sorted((ROOT / "bench").glob("*.py"))
-    files = SCRIPTS + bench + [ROOT / "labo_hf" / f"{name}.py" for name in EXTRA_USING_MODULES]
+    files = SCRIPTS + bench + EXTRA_USING_FILES
     local = {"labo_hf"} | {path.stem for path in bench}
     imported = set().union(*(_third_party_imports(path) for path in files)) - local - TRANSITIVE_OR_OPTIONAL
     unknown = imported - CORE - set(EXAMPLE_ONLY_MODULES)
@@ -111,22 +124,89 @@ def test_core_import_and_loss_load_no_example_only_package() -> None:
     assert completed.stdout.strip() == "", f"example-only modules imported: {completed.stdout.strip()}"
 
 
-def test_library_never_imports_the_script_side() -> None:
-    """Dependencies point one way: kernels -> loss -> Trainer glue -> scripts."""
-    for path in sorted((ROOT / "labo_hf").rglob("*.py")):
-        if path.parent == ROOT / "labo_hf" and path.stem in SCRIPT_SIDE_MODULES:
+def _layer(path: Path) -> str | None:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0] if len(relative.parts) > 1 else None
+
+
+def _labo_imports(path: Path) -> set[str]:
+    """The labo_hf layers `path` imports (absolute imports only: the package uses no relative ones)."""
+    layers = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path.relative_to(ROOT)}:{node.lineno} uses a relative import"
+            modules = [node.module or ""]
+        elif isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        else:
             continue
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = []
-            if isinstance(node, ast.ImportFrom):
-                module = node.module or ""
-                names = [module.split(".")[-1]] + [alias.name for alias in node.names]
-                if node.level == 0 and not module.startswith("labo_hf"):
-                    names = []
-            elif isinstance(node, ast.Import):
-                names = [alias.name.split(".")[-1] for alias in node.names if alias.name.startswith("labo_hf.")]
-            used = set(names) & set(SCRIPT_SIDE_MODULES)
-            assert not used, f"{path.relative_to(ROOT)} imports the script-side {sorted(used)}"
+        for module in modules:
+            parts = module.split(".")
+            if parts[0] == "labo_hf" and len(parts) > 1:
+                layers.add(parts[1])
+    return layers
+
+
+def test_every_module_lives_in_a_layer_folder() -> None:
+    top = sorted(path.name for path in PACKAGE.glob("*.py"))
+    assert top == ["__init__.py"], f"modules outside the layer folders: {top}"
+    folders = sorted(path.name for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__")
+    assert folders == sorted(LAYERS)
+
+
+def test_dependencies_point_one_way() -> None:
+    """kernels -> loss -> hf -> analysis -> examples: no module imports a later layer."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        layer = _layer(path)
+        allowed = set(LAYERS[: LAYERS.index(layer) + 1]) if layer else {"loss", "hf"}
+        used = _labo_imports(path) - allowed
+        assert not used, f"{path.relative_to(ROOT)} ({layer or 'package root'}) imports the later layers {sorted(used)}"
+
+
+def test_only_scripts_and_benchmarks_import_the_examples_runtime() -> None:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if _layer(path) != "examples":
+            assert "examples" not in _labo_imports(path), f"{path.relative_to(ROOT)} imports labo_hf.examples"
+
+
+def test_wheel_ships_the_library_without_the_examples_runtime() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"]
+    assert sorted(packages) == sorted(["labo_hf", *(f"labo_hf.{layer}" for layer in LAYERS if layer != "examples")])
+
+
+def _jit_kernel(node: ast.AST) -> bool:
+    return any("jit" in ast.unparse(decorator) for decorator in getattr(node, "decorator_list", []))
+
+
+def test_modules_classes_and_functions_stay_small() -> None:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        name = path.relative_to(ROOT)
+        assert len(source.splitlines()) <= MAX_MODULE_LINES, f"{name} has {len(source.splitlines())} lines"
+        for node in ast.walk(ast.parse(source)):
+            length = (getattr(node, "end_lineno", None) or 0) - getattr(node, "lineno", 0) + 1
+            if isinstance(node, ast.ClassDef):
+                assert length <= MAX_CLASS_LINES, f"{name}:{node.lineno} class {node.name} has {length} lines"
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not _jit_kernel(node):
+                assert length <= MAX_LIBRARY_FUNCTION_LINES, (
+                    f"{name}:{node.lineno} {node.name}() has {length} lines (at most {MAX_LIBRARY_FUNCTION_LINES})"
+                )
+
+
+def test_every_public_name_is_importable_from_the_package() -> None:
+    import labo_hf
+
+    assert set(labo_hf.__all__) == PUBLIC_NAMES
+    for name in sorted(PUBLIC_NAMES):
+        assert getattr(labo_hf, name) is not None
+
+
+def test_tests_mirror_the_source_tree() -> None:
+    tests = ROOT / "tests"
+    folders = sorted(path.name for path in tests.iterdir() if path.is_dir() and not path.name.startswith((".", "_")))
+    assert folders == sorted([*LAYERS, "bench"])
+    assert not sorted(tests.glob("test_*.py"))[1:], "tests outside the layer folders (only the layout test is)"
 
 
 def test_optional_dependencies_stay_in_their_modules() -> None:

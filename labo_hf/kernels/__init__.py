@@ -1,4 +1,4 @@
-"""Per-row loss kernels: the layer below ``labo_hf.losses``.
+"""Per-row loss kernels: the layer below ``labo_hf.loss.functional``.
 
 Every implementation (``torch_rows``: chunked pure torch; ``triton_rows``: fused Triton kernels)
 provides the same two functions over a 2-D logits matrix (N, K):
@@ -16,7 +16,7 @@ statistics and gradient and their logits are never trusted (they may hold NaN). 
 label lies outside [0, K) is poisoned with NaN (loss, statistics and gradient) instead of being read
 out of bounds, so that the caller can report it without a host synchronisation.
 
-This package imports nothing from ``labo_hf.losses`` (which imports it): dependencies run one way,
+This package imports nothing from ``labo_hf.loss.functional`` (which imports it): dependencies run one way,
 kernels -> losses -> trainer -> scripts.
 """
 

@@ -142,7 +142,7 @@ def forward_rows(
     Args:
         logits: (N, K) any float dtype, rows may be strided (``stride(-1)`` need not be 1).
         labels: (N,) integer; values outside [0, K) other than ``ignore_index`` poison their row.
-        regularizer, alpha, temperature: as returned by ``labo_hf.losses.resolve_hyperparameters``.
+        regularizer, alpha, temperature: as returned by ``labo_hf.loss.config.resolve_hyperparameters``.
         chunk_elements: work-buffer size in elements.
 
     Returns:

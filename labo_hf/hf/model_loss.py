@@ -1,0 +1,209 @@
+"""The label-regularized loss of a transformers model's outputs: one implementation for every way in.
+
+`LABOLossFunction` turns ``(outputs, labels, num_items_in_batch)`` into the loss: it aligns the labels with the
+logits (shifted for causal LMs) and reduces by ``num_items_in_batch``, from the logits or, with
+``fused_linear=True``, from the captured final hidden states and the lm_head weight. `labo_loss_func` builds one
+for ``Trainer(compute_loss_func=...)`` (plain `transformers.Trainer`, `Seq2SeqTrainer`, trl's `SFTTrainer`);
+`LABOTrainer` and `apply_labo` call the same object.
+
+Reduction under gradient accumulation and data parallelism: the Trainers pass ``num_items_in_batch``, the kept
+positions of the whole accumulated batch over all processes (with ``average_tokens_across_devices``, the
+default), and multiply a ``compute_loss_func``'s loss by the number of processes, undoing DDP's gradient mean. The
+loss here is ``sum over this micro-batch's kept positions / num_items_in_batch``, so the optimizer step sees the
+global sum over the global count however the batch is split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from labo_hf.hf.lm_head import LinearHeadCapture
+from labo_hf.loss.config import LossConfig
+from labo_hf.loss.functional import label_regularized_loss_with_stats
+from labo_hf.loss.fused_linear import fused_linear_label_regularized_loss_with_stats
+from labo_hf.loss.validation import LossStats
+
+__all__ = ["LABOLossFunction", "check_class_labels", "is_causal_lm", "labo_loss_func", "model_logits", "prepare_decoder_inputs"]
+
+
+def check_class_labels(labels: Tensor | None) -> None:
+    """Refuse labels that are not class indices: floating-point labels (regression, multi-label) have no label to
+    smooth."""
+    if labels is not None and labels.is_floating_point():
+        raise ValueError("LABO needs integer class labels; got floating-point labels (regression or multi-label "
+                         "classification have no label to smooth)")
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` (possibly PEFT-wrapped) is a decoder-only language model: its labels are shifted (position i
+    predicts label i + 1). transformers marks most with ``loss_type="ForCausalLM"``; some (GPT-2) only by being in
+    its causal-LM mapping."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    get_base_model = getattr(model, "get_base_model", None)
+    base = get_base_model() if callable(get_base_model) else model
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return False
+    return getattr(base, "loss_type", None) == "ForCausalLM" or (
+        type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    )
+
+
+def prepare_decoder_inputs(model: nn.Module, inputs: dict[str, Any], labels: Tensor | None) -> None:
+    """Add ``decoder_input_ids`` built from `labels` to an encoder-decoder's `inputs` when they have none.
+
+    Without labels the model cannot build its decoder inputs itself; this does what it would have done.
+    """
+    if (
+        labels is None
+        or not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        or inputs.get("decoder_input_ids") is not None
+        or inputs.get("decoder_inputs_embeds") is not None
+    ):
+        return
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is None:
+        raise ValueError(
+            f"{type(model).__name__} has no prepare_decoder_input_ids_from_labels; provide decoder_input_ids in "
+            "the batch (e.g. with DataCollatorForSeq2Seq(tokenizer, model=model))."
+        )
+    inputs["decoder_input_ids"] = prepare(labels=labels)
+
+
+def model_logits(outputs: Any) -> Tensor:
+    """The logits of a transformers model's outputs (a ModelOutput, a tuple without loss, or the logits)."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    if isinstance(outputs, Mapping):
+        if outputs.get("logits") is None:
+            raise ValueError("the model outputs have no 'logits'")
+        return outputs["logits"]
+    if isinstance(outputs, tuple | list):
+        return outputs[0]
+    raise ValueError(f"cannot find logits in outputs of type {type(outputs).__name__}")
+
+
+def _shifts(outputs: Any) -> bool:
+    """Whether labels need shifting for these outputs: transformers' causal LMs return ``CausalLM*Output*``."""
+    name = type(outputs).__name__
+    if name.startswith("CausalLMOutput"):
+        return True
+    if isinstance(outputs, Mapping) and name != "dict":
+        return False
+    raise ValueError(
+        f"cannot tell from outputs of type {name} whether labels must be shifted; pass shift_labels=True "
+        "(causal LM: position i predicts label i+1) or shift_labels=False"
+    )
+
+
+class LABOLossFunction:
+    """A ``compute_loss_func`` for `transformers.Trainer`, `Seq2SeqTrainer` or trl's `SFTTrainer`; also built as
+    `labo_loss_func(...)`.
+
+    Args:
+        regularizer, alpha, temperature, ignore_index: as `label_regularized_loss`.
+        shift_labels: True for causal LMs (logits at i predict label i+1, as transformers' ``ForCausalLMLoss``),
+            False for classification and encoder-decoder models, None to detect it from the output class
+            (``CausalLMOutput*`` shifts).
+        fused_linear: compute a causal LM's training loss from its final hidden states and lm_head weight without
+            the (N, V) logits (`fused_linear_label_regularized_loss`). Needs ``model``; refuses models whose logits
+            are not a plain linear map (softcapping, logit scaling, a transform before the lm_head). Evaluation
+            still builds the logits.
+        model: the model the Trainer trains (only for ``fused_linear``; hooks are added, ``.remove()`` drops them).
+        chunk_size: rows per chunk of the fused loss.
+        hook_forward: for ``fused_linear``, arm the hidden-state capture from a forward pre-hook on ``model`` (False:
+            the caller arms it, as `apply_labo`'s patched forward does).
+
+    Calling it, ``(outputs, labels, num_items_in_batch=None) -> 0-dim loss``, divides the micro-batch's sum by
+    ``num_items_in_batch`` (the Trainers' whole-batch count; they multiply the loss by the number of processes), so
+    training is exact under gradient accumulation and DDP; without a count it divides by the local one.
+
+    ``last_stats`` holds the `LossStats` of the latest call (sums, detached), for logging; ``last_fused`` says
+    whether it came from the fused linear loss.
+    """
+
+    def __init__(
+        self,
+        regularizer: str = "labo",
+        alpha: float | None = None,
+        temperature: float | None = None,
+        *,
+        shift_labels: bool | None = None,
+        fused_linear: bool = False,
+        model: nn.Module | None = None,
+        ignore_index: int = -100,
+        chunk_size: int | None = None,
+        hook_forward: bool = True,
+    ) -> None:
+        self.config = LossConfig(regularizer, alpha, temperature, ignore_index)
+        if shift_labels not in (None, True, False):
+            raise ValueError(f"shift_labels must be None (detect), True or False, got {shift_labels!r}")
+        if fused_linear and model is None:
+            raise ValueError("fused_linear=True needs model=...: the loss reads its hidden states and lm_head weight")
+        self.shift_labels = shift_labels
+        self.chunk_size = chunk_size
+        self.head = LinearHeadCapture(model, hook_forward=hook_forward) if fused_linear else None
+        self.last_stats: LossStats | None = None
+        self.last_fused = False
+
+    @classmethod
+    def from_config(cls, config: LossConfig, **kwargs: Any) -> LABOLossFunction:
+        """Build one from validated loss settings; `kwargs` as the constructor's keyword arguments."""
+        return cls(config.regularizer, config.loss_kwargs()["alpha"], config.temperature,
+                   ignore_index=config.ignore_index, **kwargs)
+
+    def __call__(self, outputs: Any, labels: Tensor, num_items_in_batch: Tensor | int | None = None) -> Tensor:
+        """The loss of one micro-batch (see the module docstring for the reduction)."""
+        loss, _ = self.loss_with_stats(outputs, labels, num_items_in_batch)
+        return loss
+
+    def targets(self, outputs: Any, labels: Tensor, shift_labels: Tensor | None = None) -> Tensor:
+        """Labels aligned position by position with the logits; `shift_labels` are already aligned."""
+        if shift_labels is not None:
+            return shift_labels
+        shift = _shifts(outputs) if self.shift_labels is None else self.shift_labels
+        if shift:
+            # Padding the (small) labels by one ignored position leaves the (large) logits unsliced.
+            return nn.functional.pad(labels[..., 1:], (0, 1), value=self.config.ignore_index)
+        return labels
+
+    def loss_with_stats(
+        self, outputs: Any, labels: Tensor | None, num_items_in_batch: Tensor | int | None = None,
+        *, shift_labels: Tensor | None = None,
+    ) -> tuple[Tensor, LossStats]:
+        """The loss and its `LossStats`; `shift_labels` (pre-aligned, e.g. padding-free collators) wins."""
+        if labels is None and shift_labels is None:
+            raise ValueError("the LABO loss needs labels; the batch has none")
+        check_class_labels(labels)
+        logits = model_logits(outputs)
+        targets = self.targets(outputs, labels, shift_labels).to(logits.device)
+        hidden = self.head.take(logits) if self.head is not None else None
+        if hidden is not None:
+            head = self.head.head
+            # Under autocast the final norm may return another dtype than the lm_head weight's; the matmul in the
+            # fused loss then autocasts as the lm_head would have.
+            hidden = hidden.to(head.weight.dtype)
+            loss, stats = fused_linear_label_regularized_loss_with_stats(
+                hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), head.bias,
+                num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size, **self.config.loss_kwargs(),
+            )
+        else:
+            loss, stats = label_regularized_loss_with_stats(
+                logits, targets, num_items_in_batch=num_items_in_batch, **self.config.loss_kwargs()
+            )
+        self.last_stats, self.last_fused = stats, hidden is not None
+        return loss, stats
+
+    def remove(self) -> None:
+        """Remove the hooks ``fused_linear`` put on the model."""
+        if self.head is not None:
+            self.head.remove()
+            self.head = None
+
+
+# The documented way to build one (README, ``Trainer(compute_loss_func=labo_loss_func(...))``): the class itself, so
+# that its arguments are handled in one place.
+labo_loss_func = LABOLossFunction

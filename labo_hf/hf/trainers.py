@@ -1,0 +1,118 @@
+"""The LABO trainers: `transformers.Trainer` and `Seq2SeqTrainer` with a label regularizer (LABO by default).
+
+Each composes `RunGuardMixin` (run identity, atomic checkpoints, resume) and `LABOLossMixin` (the loss and its
+statistics) with the transformers class, and owns the model card (tags and a "Label regularization (LABO)"
+section, as trl's trainers do with ``_tag_names`` and ``_paper``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Seq2SeqTrainer, Trainer
+
+from labo_hf.hf._compat import model_card_from_scratch_name
+from labo_hf.hf.arguments import LabelRegularization
+from labo_hf.hf.loss_mixin import LABOLossMixin
+from labo_hf.hf.model_card import (
+    LABO_PAPER,
+    MODEL_CARD_MARKER,
+    TAG_NAMES,
+    model_card_section,
+    model_card_tags,
+)
+from labo_hf.hf.run_guard import RunGuardMixin
+
+__all__ = ["LABOModelCardMixin", "LABOSeq2SeqTrainer", "LABOTrainer", "LabelRegularization"]
+
+
+class LABOModelCardMixin:
+    """The model card of the LABO trainers: `Trainer.create_model_card` plus LABO's tags and section."""
+
+    # What every card of these trainers names, as trl's trainers do (`_tag_names`, `_paper`); the
+    # regularizer-specific tags and section come from `label_regularization`.
+    _tag_names = TAG_NAMES
+    _paper = LABO_PAPER
+    # Whether the appended section cites `_paper`; not where the card's own template already does (trl's).
+    _labo_card_cites = True
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """`Trainer.create_model_card` plus tags naming the label regularizer and its hyperparameters, and a
+        "Label regularization (LABO)" section with the paper's citation. Done here rather than appended
+        afterwards because ``push_to_hub`` regenerates the card through this method."""
+        self.check_label_regularization_unchanged()
+        tags = kwargs.get("tags")
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        ours = dict.fromkeys([*self._tag_names, *model_card_tags(*self._label_regularization)])
+        kwargs["tags"] = tags + [tag for tag in ours if tag not in tags]
+        with model_card_from_scratch_name(self.model, self.args.output_dir, kwargs.get("finetuned_from")):
+            super().create_model_card(*args, **kwargs)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        if MODEL_CARD_MARKER not in card:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n" + model_card_section(*self._label_regularization, paper=self._paper,
+                                                  cite=self._labo_card_cites))
+
+
+
+class LABOTrainer(RunGuardMixin, LABOModelCardMixin, LABOLossMixin, Trainer):
+    """`transformers.Trainer` training with a label regularizer (LABO by default).
+
+    Configure it with `LABOTrainingArguments` (``label_regularizer``, ``label_regularizer_alpha``,
+    ``labo_temperature``); plain `TrainingArguments` mean LABO with its default alpha and temperature.
+    Works for sequence/image classification (logits (B, K), labels (B,)), token-level tasks and causal
+    language models (labels shifted like transformers' causal-LM loss). Training logs gain ``nll``,
+    ``target_prob`` and ``smoothing_entropy``; evaluation metrics gain ``eval_nll`` and friends.
+    """
+
+
+class LABOSeq2SeqTrainer(RunGuardMixin, LABOModelCardMixin, LABOLossMixin, Seq2SeqTrainer):
+    """`transformers.Seq2SeqTrainer` training with a label regularizer (LABO by default).
+
+    As `LABOTrainer`, configured with `LABOSeq2SeqTrainingArguments`. With ``predict_with_generate=True``,
+    the evaluation loss and ``eval_nll`` still come from a teacher-forced pass with the label regularizer.
+    """
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+        **gen_kwargs: Any,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """`Seq2SeqTrainer.prediction_step`, with the label-regularized loss also when generating."""
+        if not self.args.predict_with_generate or prediction_loss_only:
+            # Goes through Trainer.prediction_step, hence through our compute_loss.
+            return super().prediction_step(
+                model, inputs, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
+            )
+        # When generating, Seq2SeqTrainer takes its loss from its own teacher-forced forward pass via
+        # `self.label_smoother(outputs, labels)` (else the model's built-in loss), bypassing compute_loss.
+        # Plugging our loss in there reuses that forward pass instead of running another one.
+        saved = self.label_smoother
+        self.label_smoother = self._labo_teacher_forced_loss
+        try:
+            return super().prediction_step(
+                model, inputs, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
+            )
+        finally:
+            self.label_smoother = saved
+
+    def _labo_teacher_forced_loss(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        """Evaluation loss of the generation path, from the logits of Seq2SeqTrainer's forward pass.
+
+        Reduced by this batch's own kept count, like the per-batch losses of the non-generating path on one
+        process; the exact corpus-level value is ``eval_nll``, from summed statistics.
+        """
+        # Seq2SeqTrainer passed the labels to the model, so a tuple output starts with the model's loss.
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[1]
+        return self._labo_loss(logits, labels, None, "eval")

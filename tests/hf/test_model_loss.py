@@ -1,0 +1,134 @@
+"""`labo_loss_func` as a plain Trainer's ``compute_loss_func``, and ``--labo_fused_linear``: the same parameters
+after training as `LABOTrainer`, under gradient accumulation and with two processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _loss_func_setup import train
+from _torchrun import run_two_processes
+from conftest import IGNORE, TASKS, collate, flat_parameters, tiny_llama
+
+from labo_hf import label_regularized_loss, labo_loss_func
+
+TOL = 1e-6
+
+
+def _assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize(("task_name", "regularizer"), [("llama", "labo"), ("marian", "label_smoothing"),
+                                                        ("vit", "labo")])
+def test_loss_func_trains_like_labo_trainer_with_accumulation(task_name, regularizer, tmp_path):
+    start = flat_parameters(TASKS[task_name].make_model())
+    reference = flat_parameters(train("labo_trainer", task_name, str(tmp_path / "a"), 8, 1, 2, regularizer).model)
+    assert float((reference - start).abs().max()) > 1e-3  # the runs do move the parameters
+    for kind in ("labo_trainer", "loss_func"):
+        trainer = train(kind, task_name, str(tmp_path / kind), 4, 2, 2, regularizer)
+        _assert_same(flat_parameters(trainer.model), reference)
+
+
+@pytest.mark.parametrize("task_name", ["llama", "gpt2"])
+def test_fused_linear_trains_like_full_logits(task_name, tmp_path):
+    # GPT-2 has no loss_type, so a plain Trainer counts labels[..., 0] too; LABOTrainer counts the shifted labels.
+    kinds = ("labo_trainer_fused",) if task_name == "gpt2" else ("labo_trainer_fused", "loss_func", "loss_func_fused")
+    reference = flat_parameters(train("labo_trainer", task_name, str(tmp_path / "a"), 8, 1, 2).model)
+    for kind in kinds:
+        trainer = train(kind, task_name, str(tmp_path / kind), 4, 2, 2)
+        _assert_same(flat_parameters(trainer.model), reference)
+        loss_fn = trainer.compute_loss_func or trainer._labo_loss_fn
+        assert loss_fn.last_fused == kind.endswith("_fused")
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        assert len(logs) == 2
+        if kind.startswith("labo_trainer"):
+            assert all(0 < entry["target_prob"] < 1 and entry["nll"] > 0 for entry in logs)
+
+
+def test_fused_linear_eval_and_plain_forward_keep_logits(tmp_path):
+    model = tiny_llama()
+    loss_fn = labo_loss_func(fused_linear=True, model=model, shift_labels=True)
+    batch = collate(TASKS["llama"].make_examples(3, seed=1))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.eval()
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        assert logits.shape[:2] == batch["labels"].shape
+        evaluated = loss_fn(model(**inputs), batch["labels"])
+    assert not loss_fn.last_fused
+    model.train()
+    trained = loss_fn(model(**inputs), batch["labels"])
+    assert loss_fn.last_fused
+    expected = label_regularized_loss(logits[:, :-1], batch["labels"][:, 1:])
+    torch.testing.assert_close(evaluated, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(trained.detach(), expected, rtol=1e-5, atol=1e-6)
+    loss_fn.remove()
+    model.train()
+    assert model(**inputs).logits.shape[:2] == batch["labels"].shape
+
+
+def test_fused_linear_refuses_non_linear_heads():
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
+
+    gemma = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0,
+    ))
+    with pytest.raises(ValueError, match="softcapping"):
+        labo_loss_func(fused_linear=True, model=gemma)
+    with pytest.raises(ValueError, match="decoder-only"):
+        labo_loss_func(fused_linear=True, model=TASKS["marian"].make_model())
+    with pytest.raises(ValueError, match="needs model"):
+        labo_loss_func(fused_linear=True)
+
+    class ScaledLlama(LlamaForCausalLM):
+        def forward(self, *args, logits_to_keep=0, **kwargs):
+            outputs = super().forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+            outputs.logits = 2 * outputs.logits
+            return outputs
+
+    model = ScaledLlama(tiny_llama().config).train()
+    loss_fn = labo_loss_func(fused_linear=True, model=model, shift_labels=True)
+    batch = collate(TASKS["llama"].make_examples(2, seed=1))
+    with pytest.raises(ValueError, match="not a plain linear map"):
+        loss_fn(model(input_ids=batch["input_ids"]), batch["labels"])
+
+
+def test_shift_detection_and_errors():
+    model = tiny_llama().eval()
+    batch = collate(TASKS["llama"].make_examples(3, seed=2))
+    with torch.no_grad():
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        got = labo_loss_func()(outputs, batch["labels"], num_items_in_batch=50)
+        expected = label_regularized_loss(outputs.logits[:, :-1], batch["labels"][:, 1:], num_items_in_batch=50)
+        torch.testing.assert_close(got, expected)
+        with pytest.raises(ValueError, match="shift_labels"):
+            labo_loss_func()(outputs.logits, batch["labels"])
+        with pytest.raises(ValueError, match="needs labels"):
+            labo_loss_func()(outputs, None)
+    assert int((batch["labels"][:, 1:] != IGNORE).sum()) > 0
+
+
+def test_two_processes_match_one_process(tmp_path):
+    result = run_two_processes("_ddp_loss_func_worker.py", tmp_path)
+    reference = flat_parameters(train("labo_trainer", "llama", str(tmp_path / "one"), 8, 1, 2).model)
+    for kind, run in result.items():
+        assert run["num_processes"] == 2 and run["fused"] == kind.endswith("_fused"), kind
+        _assert_same(torch.load(tmp_path / f"{kind}.pt"), reference)
+
+
+def test_labo_trainer_refuses_fused_linear_for_encoder_decoder(tmp_path):
+    from conftest import common_args
+    from transformers import HfArgumentParser
+
+    from labo_hf.hf.arguments import LABOSeq2SeqTrainingArguments
+    from labo_hf.hf.trainers import LABOSeq2SeqTrainer
+
+    (args,) = HfArgumentParser(LABOSeq2SeqTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none", "--labo_fused_linear"]
+    )
+    assert args.labo_fused_linear
+    with pytest.raises(ValueError, match="decoder-only causal LM"):
+        LABOSeq2SeqTrainer(model=TASKS["marian"].make_model(), args=args, data_collator=collate)
+    plain = LABOSeq2SeqTrainingArguments(**common_args(str(tmp_path)))
+    assert not plain.labo_fused_linear
