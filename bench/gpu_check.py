@@ -270,8 +270,8 @@ def check_compile(device, records):
 
 def main(argv=None):
     args = parse_args(argv)
-    from labo_hf import losses
     from labo_hf.kernels import triton_rows
+    from labo_hf.loss import dispatch as losses
 
     if args.dry_run:
         if not triton_rows.INTERPRETED:

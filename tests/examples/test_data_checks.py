@@ -10,7 +10,7 @@ from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from labo_hf import data_checks
+from labo_hf.examples import data_checks
 from labo_hf.examples.data_checks import check_images, drop_blank_text_pairs
 
 

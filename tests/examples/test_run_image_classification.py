@@ -217,7 +217,7 @@ def test_dataset_name_local_folder_with_held_out_validation(image_data, tmp_path
 
 
 def test_dataset_tags_of_hub_datasets_reach_the_card(monkeypatch):
-    from labo_hf import examples
+    from labo_hf.examples import runtime as examples
 
     cards = []
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize
 
-from labo_hf import losses
 from labo_hf.kernels.torch_rows import fused_rows as torch_fused_rows
+from labo_hf.loss import dispatch
 from labo_hf.loss.config import resolve_hyperparameters
 from labo_hf.loss.functional import label_regularized_loss, label_regularized_loss_with_stats, labo_target
 from labo_hf.loss.reference import reference_label_regularized_loss, reference_target_distribution
@@ -181,7 +181,7 @@ def test_gradient_is_p_minus_q(regularizer):
 def test_fused_path_equals_reference(regularizer, num_classes, chunk_elements, monkeypatch):
     if chunk_elements is not None:
         # Many chunks, the last one partial (one row per chunk for K = 70,000).
-        monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(dispatch, "_CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(num_classes)
     n = 3 + 70_000 // num_classes
     logits = torch.randn(n, num_classes) * 4

@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labo_hf import losses
+from labo_hf.loss import dispatch
+from labo_hf.loss.config import resolve_hyperparameters
 from labo_hf.loss.functional import (
     label_regularized_loss,
     label_regularized_loss_per_position,
@@ -583,9 +584,9 @@ class _WrongTriton:
 @pytest.mark.parametrize("kernels", [_BrokenTriton, _WrongTriton])
 def test_self_check_falls_back_to_torch_and_warns_once(kernels, monkeypatch):
     # CPU stands in for a CUDA device: the check is forced on and the "Triton" module replaced.
-    monkeypatch.setattr(losses, "_needs_self_check", lambda device: True)
-    monkeypatch.setattr(losses, "_load_triton_rows", lambda: kernels)
-    monkeypatch.setattr(losses, "_TRITON_SELF_CHECK", {})
+    monkeypatch.setattr(dispatch, "_needs_self_check", lambda device: True)
+    monkeypatch.setattr(dispatch, "_load_triton_rows", lambda: kernels)
+    monkeypatch.setattr(dispatch, "_TRITON_SELF_CHECK", {})
     logits, labels = _case(8, 11)
     with pytest.warns(RuntimeWarning, match="failed its first-use check.*Falling back"):
         loss, grad = _grad(label_regularized_loss, logits, labels, 1.0, implementation="triton")
@@ -598,11 +599,11 @@ def test_self_check_falls_back_to_torch_and_warns_once(kernels, monkeypatch):
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1")
 def test_self_check_passes_for_the_real_triton_kernels(monkeypatch):
-    monkeypatch.setattr(losses, "_needs_self_check", lambda device: True)
-    monkeypatch.setattr(losses, "_TRITON_SELF_CHECK", {})
+    monkeypatch.setattr(dispatch, "_needs_self_check", lambda device: True)
+    monkeypatch.setattr(dispatch, "_TRITON_SELF_CHECK", {})
     for regularizer, kwargs in REGULARIZER_KWARGS.items():
-        hyper = losses.resolve_hyperparameters(regularizer, kwargs.get("alpha"), kwargs.get("temperature"))
-        assert losses._probe_triton(torch.device("cpu"), torch.bfloat16, regularizer, *hyper) is None
+        hyper = resolve_hyperparameters(regularizer, kwargs.get("alpha"), kwargs.get("temperature"))
+        assert dispatch._probe_triton(torch.device("cpu"), torch.bfloat16, regularizer, *hyper) is None
 
 
 def test_trainer_raises_the_lazy_error_at_its_logging_step(tmp_path):
@@ -631,7 +632,7 @@ def test_kernels_layer_imports_neither_losses_nor_transformers():
     # Dependencies run one way: kernels -> losses -> trainer -> scripts.
     import ast
 
-    for path in sorted((ROOT / "labo_hf" / "kernels").glob("*.py")) + [ROOT / "labo_hf" / "losses.py"]:
+    for path in sorted((ROOT / "labo_hf" / "kernels").glob("*.py")) + sorted((ROOT / "labo_hf" / "loss").glob("*.py")):
         imported = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
@@ -640,4 +641,4 @@ def test_kernels_layer_imports_neither_losses_nor_transformers():
                 imported.add("." * node.level + (node.module or ""))
         assert not any(name.startswith("transformers") for name in imported), path
         if path.parent.name == "kernels":
-            assert not any("losses" in name or "trainer" in name for name in imported), (path, imported)
+            assert not any(name.startswith(("labo_hf.loss", "labo_hf.hf")) for name in imported), (path, imported)
