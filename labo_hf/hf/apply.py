@@ -140,6 +140,8 @@ def _forward(model: nn.Module, original: Any, loss_fn: LABOLossFunction, *args: 
     check_class_labels(labels)
     prepare_decoder_inputs(model, kwargs, labels)
     if loss_fn.head is not None:
+        # The fused loss runs inside the forward, where a sharded lm_head weight is whole.
+        loss_fn.expect(labels, num_items_in_batch, shift_labels)
         kwargs = loss_fn.head.arm(model.training, kwargs)
     outputs = original(*args, **kwargs)
     loss, _ = loss_fn.loss_with_stats(outputs, labels, num_items_in_batch, shift_labels=shift_labels)

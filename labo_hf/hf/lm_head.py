@@ -1,19 +1,29 @@
 """Reading a causal LM's final hidden states and lm_head, so the fused linear loss can skip its logits.
 
 `LinearHeadCapture` hooks a transformers causal LM: while it trains (module in training mode, grad enabled, no
-labels given to the forward), each forward gets ``logits_to_keep`` set to the last position only, so the lm_head builds (B, 1, V) logits instead of
-(B, T, V), and the base model's last hidden state is kept for the loss. Elsewhere (evaluation, generation) the
-model is untouched. The last-position logits let the first call check that the logits are a plain linear map of
-the hidden states, which the fused loss assumes. transformers is only touched through the model passed in.
+labels given to the forward), each forward gets ``logits_to_keep`` set to the last position only, so the lm_head
+builds (B, 1, V) logits instead of (B, T, V), and the base model's last hidden state is kept for the loss.
+Elsewhere (evaluation, generation) the model is untouched. The last-position logits let the first call check that
+the logits are a plain linear map of the hidden states, which the fused loss assumes.
+
+The loss itself runs as a call of the lm_head module (`LinearHeadCapture.run`), because sharding engines make a
+layer's weight whole only inside its own call: FSDP2 unshards a ``fully_shard``-ed lm_head in its forward
+pre-hook and reshards it after; DeepSpeed ZeRO-3 gathers it and frees it again. When the targets are known before
+the forward (``expect``: `LABOTrainer`, `apply_labo`), that call happens inside the model's forward, right after
+the base model, where a root FSDP unit is still unsharded too. transformers is only touched through the model
+passed in.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from labo_hf.loss.sharding import check_whole_weight
 
 __all__ = ["LinearHeadCapture", "check_plain_linear_head"]
 
@@ -59,7 +69,8 @@ def check_plain_linear_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
                     f"states ({reason}: config.{field}={value!r}). Use the full-logits loss."
                 )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not nn.Linear:
+    # A subclass that keeps Linear's forward is still a plain linear map (FSDP2 swaps in one, FSDPLinear).
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         raise ValueError(
             f"fused_linear needs the output embeddings of {name} to be a plain nn.Linear, got "
             f"{type(head).__name__} (e.g. an adapter on the lm_head is a transform of the weight)"
@@ -75,14 +86,20 @@ def check_plain_linear_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 class LinearHeadCapture:
     """Hooks that let a loss take a training forward's final hidden states instead of its logits.
 
-    ``take(outputs)`` returns the (B, T, H) hidden states of the forward that produced `outputs`, or None when
-    that forward was not a captured one (the loss then uses ``outputs.logits``). ``remove()`` undoes the hooks.
+    ``take(logits)`` returns what the forward that produced `logits` left: ``(hidden, result)`` with the (B, T, H)
+    hidden states, and the result of the computation given to ``expect`` if it already ran inside the forward;
+    ``(None, None)`` when that forward was not a captured one (the loss then uses the logits). ``run`` calls a
+    computation as the lm_head's forward. ``remove()`` undoes the hooks.
     """
 
     def __init__(self, model: nn.Module, *, hook_forward: bool = True) -> None:
         self._base, self.head = check_plain_linear_head(model)
         self._model = _unwrap(model)
         self._hidden: Tensor | None = None
+        self._result: Any = None
+        self._pending: Callable[[Tensor], Any] | None = None
+        self._compute: Callable[[Tensor], Any] | None = None
+        self._expected_logits: Tensor | None = None
         self._armed = False
         self._checked = False
         self._handles = [self._base.register_forward_hook(self._capture)]
@@ -90,11 +107,16 @@ class LinearHeadCapture:
             # On the model as given: PEFT calls the inner model's .forward directly, bypassing its hooks.
             self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
 
+    def expect(self, compute: Callable[[Tensor], Any] | None) -> None:
+        """Run ``compute(hidden)`` inside the next forward, if it is a captured one (else it is dropped)."""
+        self._pending = compute
+
     def arm(self, training: bool, kwargs: dict) -> dict:
         """The forward's keyword arguments, with ``logits_to_keep=1`` when this forward is to be captured."""
-        self._hidden = None
+        self._hidden, self._result, self._expected_logits = None, None, None
         # A forward given labels computes the model's own loss, which needs its full logits.
         self._armed = training and torch.is_grad_enabled() and kwargs.get("labels") is None
+        self._compute, self._pending = (self._pending if self._armed else None), None
         # One position, not zero: its logits let the first call check the linear-map assumption.
         return {**kwargs, "logits_to_keep": 1} if self._armed else kwargs
 
@@ -105,23 +127,26 @@ class LinearHeadCapture:
         if self._armed:
             self._hidden = output[0] if isinstance(output, tuple) else output["last_hidden_state"]
             self._armed = False
+            compute, self._compute = self._compute, None
+            if compute is not None:
+                self._result = compute(self._hidden)
 
-    def take(self, logits: Tensor) -> Tensor | None:
-        """The captured hidden states for a forward whose logits are `logits`, once; None if not captured."""
-        hidden, self._hidden = self._hidden, None
+    def take(self, logits: Tensor) -> tuple[Tensor | None, Any]:
+        """``(hidden, result)`` of the forward whose logits are `logits`, once; ``(None, None)`` if not captured."""
+        hidden, result = self._hidden, self._result
+        self._hidden, self._result = None, None
         if hidden is None or logits.shape[-2] != 1 or hidden.shape[:-2] != logits.shape[:-2]:
-            return None
-        if not self._checked:
-            self._check(hidden[..., -1:, :], logits)
-            self._checked = True
-        return hidden
+            return None, None
+        return hidden, result
 
-    @torch.no_grad()
-    def _check(self, last_hidden: Tensor, logits: Tensor) -> None:
-        expected = nn.functional.linear(last_hidden.float(), self.head.weight.float(),
-                                        None if self.head.bias is None else self.head.bias.float())
+    def check(self, logits: Tensor) -> None:
+        """On the first call after `run`: refuse a model whose (last-position) `logits` are not the lm_head's
+        linear map of the hidden states it was given."""
+        expected, self._expected_logits = self._expected_logits, None
+        if self._checked or expected is None:
+            return
         tolerance = 1e-3 if logits.dtype == torch.float32 else 5e-2
-        error = float((expected - logits.float()).abs().max())
+        error = float((expected - logits.detach().float()).abs().max())
         scale = float(expected.abs().max()) + 1.0
         if not error <= tolerance * scale:
             raise ValueError(
@@ -129,10 +154,40 @@ class LinearHeadCapture:
                 f"map of the base model's last hidden state (max difference {error:.3g}; e.g. softcapping, logit "
                 "scaling or a transform before a tied lm_head). Use the full-logits loss."
             )
+        self._checked = True
+
+    def run(self, compute: Callable[[Tensor, Tensor, Tensor | None], Any], hidden: Tensor) -> Any:
+        """``compute(hidden, weight, bias)`` run as the lm_head's forward, so that the weight is whole.
+
+        The engine's hooks on the lm_head (FSDP2 unshard/reshard, ZeRO-3 gather/release, the backward ones
+        registered on the call's inputs and outputs) wrap it as they wrap the layer's own forward; `hidden` is
+        the call's input, cast as the engine casts the layer's inputs.
+        """
+        head = self.head
+        previous = head.__dict__.get("forward")
+
+        def forward(h: Tensor) -> Any:
+            weight, bias = head.weight, head.bias
+            check_whole_weight(weight, "the lm_head weight")  # e.g. a root FSDP2 unit resharded after forward
+            h = h.to(weight.dtype)  # under autocast the final norm may return another dtype
+            if not self._checked:
+                with torch.no_grad():  # the last position's logits, for `take`'s linear-map check
+                    self._expected_logits = nn.functional.linear(
+                        h[..., -1:, :].float(), weight.float(), None if bias is None else bias.float())
+            return compute(h, weight, bias)
+
+        head.forward = forward
+        try:
+            return head(hidden)
+        finally:
+            if previous is None:
+                del head.forward
+            else:
+                head.forward = previous
 
     def remove(self) -> None:
         """Remove the hooks; the model is as before."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._hidden = None
+        self._hidden, self._result, self._pending, self._compute = None, None, None, None

@@ -108,9 +108,13 @@ class LABOLossMixin:
         check_class_labels(labels)
         prepare_decoder_inputs(self.accelerator.unwrap_model(model), inputs, labels)
 
+        normalizer = self._labo_normalizer(num_items_in_batch)
+        if model.training:
+            # The fused loss runs inside the forward, where a sharded lm_head weight is whole.
+            self._labo_loss_fn.expect(labels, normalizer, shift_labels)
         outputs = model(**inputs)
         loss = self._labo_loss(
-            outputs, labels, self._labo_normalizer(num_items_in_batch), "train" if model.training else "eval",
+            outputs, labels, normalizer, "train" if model.training else "eval",
             shift_labels=shift_labels,
         )
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:

@@ -164,7 +164,12 @@ class LABOLossFunction:
         """Labels aligned position by position with the logits; `shift_labels` are already aligned."""
         if shift_labels is not None:
             return shift_labels
-        shift = _shifts(outputs) if self.shift_labels is None else self.shift_labels
+        if self.shift_labels is not None:
+            shift = self.shift_labels
+        elif outputs is None and self.head is not None:
+            shift = True  # the fused loss, before any outputs: fused_linear is for causal LMs only
+        else:
+            shift = _shifts(outputs)
         if shift:
             # Padding the (small) labels by one ignored position leaves the (large) logits unsliced.
             return nn.functional.pad(labels[..., 1:], (0, 1), value=self.config.ignore_index)
@@ -179,23 +184,48 @@ class LABOLossFunction:
             raise ValueError("the LABO loss needs labels; the batch has none")
         check_class_labels(labels)
         logits = model_logits(outputs)
-        targets = self.targets(outputs, labels, shift_labels).to(logits.device)
-        hidden = self.head.take(logits) if self.head is not None else None
+        hidden, result = self.head.take(logits) if self.head is not None else (None, None)
         if hidden is not None:
-            head = self.head.head
-            # Under autocast the final norm may return another dtype than the lm_head weight's; the matmul in the
-            # fused loss then autocasts as the lm_head would have.
-            hidden = hidden.to(head.weight.dtype)
-            loss, stats = fused_linear_label_regularized_loss_with_stats(
-                hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), head.bias,
-                num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size, **self.config.loss_kwargs(),
-            )
+            if result is None:  # not computed inside the forward: the lm_head is called again now
+                result = self._fused(hidden, labels, num_items_in_batch, shift_labels)
+            loss, stats = result
+            self.head.check(logits)
         else:
+            targets = self.targets(outputs, labels, shift_labels).to(logits.device)
             loss, stats = label_regularized_loss_with_stats(
                 logits, targets, num_items_in_batch=num_items_in_batch, **self.config.loss_kwargs()
             )
         self.last_stats, self.last_fused = stats, hidden is not None
         return loss, stats
+
+    def expect(self, labels: Tensor | None, num_items_in_batch: Tensor | int | None = None,
+               shift_labels: Tensor | None = None) -> None:
+        """For ``fused_linear``: compute the loss of the next training forward inside it, from these targets.
+
+        Inside the forward the lm_head weight is whole even when a sharding engine (FSDP2, DeepSpeed ZeRO-3)
+        frees it after the forward; the following call of this object returns that loss. `LABOTrainer` and
+        `apply_labo` call this before the model's forward; without it the loss calls the lm_head again after
+        the forward, which needs the weight to be gathered then (true of a lm_head that is its own FSDP2 unit
+        or under ZeRO-3, not of one resharded with the root FSDP2 unit).
+        """
+        if self.head is not None and (labels is not None or shift_labels is not None):
+            self.head.expect(lambda hidden: self._fused(hidden, labels, num_items_in_batch, shift_labels))
+
+    def _fused(self, hidden: Tensor, labels: Tensor | None, num_items_in_batch: Tensor | int | None,
+               shift_labels: Tensor | None) -> tuple[Tensor, LossStats]:
+        """The fused linear loss of `hidden`, computed as a call of the lm_head (see `LinearHeadCapture.run`)."""
+        targets = self.targets(None, labels, shift_labels).to(hidden.device).reshape(-1)
+
+        def compute(h: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, ...]:
+            loss, stats = fused_linear_label_regularized_loss_with_stats(
+                h.reshape(-1, h.shape[-1]), weight, targets, bias, num_items_in_batch=num_items_in_batch,
+                chunk_size=self.chunk_size, **self.config.loss_kwargs(),
+            )
+            # Plain tensors out, so the engines' hooks see (and register backward hooks on) the loss.
+            return (loss, *stats)
+
+        loss, *stats = self.head.run(compute, hidden)
+        return loss, LossStats(*stats)
 
     def remove(self) -> None:
         """Remove the hooks ``fused_linear`` put on the model."""

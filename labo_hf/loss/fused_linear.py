@@ -19,6 +19,7 @@ from torch import Tensor
 from labo_hf.loss.config import resolve_hyperparameters
 from labo_hf.loss.functional import label_regularized_loss_with_stats
 from labo_hf.loss.reduction import reduction_scale as _reduction_scale
+from labo_hf.loss.sharding import check_whole_weight
 from labo_hf.loss.validation import LossStats
 from labo_hf.loss.validation import default_validate as _default_validate
 
@@ -138,6 +139,7 @@ def fused_linear_label_regularized_loss_with_stats(
     chunk_size: int | None = None,
 ) -> tuple[Tensor, LossStats]:
     """`fused_linear_label_regularized_loss` plus the sums needed to log it (see `LossStats`)."""
+    check_whole_weight(weight)
     _check_inputs(hidden, weight, labels, bias)
     resolve_hyperparameters(regularizer, alpha, temperature)  # fail before any work
     if chunk_size is None:
