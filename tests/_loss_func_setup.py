@@ -30,8 +30,8 @@ def batch_collator(model: Any, seq2seq: bool):
 
 
 def train(kind: str, task_name: str, output_dir: str, batch_size: int, accumulation: int, max_steps: int,
-          regularizer: str = "labo", **extra: Any):
-    """Train with one of `KINDS`; returns the trainer."""
+          regularizer: str = "labo", resume_from_checkpoint: str | None = None, **extra: Any):
+    """Train with one of `KINDS` (from `resume_from_checkpoint` if given); returns the trainer."""
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
     from labo_hf import labo_loss_func
@@ -63,5 +63,5 @@ def train(kind: str, task_name: str, output_dir: str, batch_size: int, accumulat
             **loss_kwargs(regularizer), shift_labels=task.causal, fused_linear=fused, model=model if fused else None
         )
     trainer = trainer_cls(args=args, **trainer_kwargs)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer

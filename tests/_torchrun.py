@@ -17,14 +17,15 @@ from typing import Any
 RESULT = "result.json"
 
 
-def run_two_processes(worker: str, out_dir: Path) -> dict[str, Any]:
-    """Run ``tests/<worker> out_dir`` with 2 CPU processes; its result.json (the test fails with the output if not)."""
+def run_two_processes(worker: str, out_dir: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``tests/<worker> out_dir *args`` with 2 CPU processes (`env` added to the environment); its result.json
+    (the test fails with the output if not)."""
     import pytest
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(Path(__file__).with_name(worker)), str(out_dir)],
+         str(Path(__file__).with_name(worker)), str(out_dir), *args],
         env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     if completed.returncode != 0:
