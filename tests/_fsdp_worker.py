@@ -134,6 +134,20 @@ def compare(kind: str, sharding: str, reference: tuple[list[float], torch.Tensor
     }
 
 
+def fsdp_asked_warnings(out_dir: str) -> list[str]:
+    """The warnings of a `LABOTrainer` built with ``fsdp="full_shard"`` (on CPU, accelerate runs DDP)."""
+    import warnings
+
+    from labo_hf.hf.arguments import LABOTrainingArguments
+    from labo_hf.hf.trainers import LABOTrainer
+
+    args = LABOTrainingArguments(**conftest.common_args(os.path.join(out_dir, "fsdp_asked")), fsdp="full_shard")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LABOTrainer(model=make_model(), args=args, data_collator=conftest.collate)
+    return [str(warning.message) for warning in caught if "FSDP" in str(warning.message)]
+
+
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     result: dict[str, object] = {"world_size": dist.get_world_size()}
@@ -146,6 +160,7 @@ def main(out_dir: str) -> None:
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for kind in ("logits", "apply_labo_fused"):
         result[f"bf16/{kind}"] = compare(kind, "own_unit", references[kind, False], mp_policy=bf16)
+    result["fsdp_asked_warnings"] = fsdp_asked_warnings(out_dir)
     write_result(out_dir, result)
 
 

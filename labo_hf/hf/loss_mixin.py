@@ -13,9 +13,11 @@ The trainer reads the label regularization once, when built, and refuses later c
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType, parse_flag_from_env
 from torch import nn
 from transformers.trainer_utils import EvalLoopOutput
 
@@ -72,9 +74,30 @@ class LABOLossMixin:
             self._labo_config, shift_labels=self._labo_shift_labels,
             fused_linear=bool(getattr(self.args, "labo_fused_linear", False)), model=self.model,
         )
+        self._labo_warn_if_fsdp_dropped()
         # Running sums (nll, target_prob, smoothing_entropy, count) kept on device without syncing;
         # "train" is reset at each training log, "eval" at the start of each evaluation loop.
         self._labo_stats: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
+
+    def _labo_warn_if_fsdp_dropped(self) -> None:
+        """Warn when FSDP was asked for (``fsdp=`` or an accelerate FSDP config) but the run is not sharded.
+
+        accelerate switches to FSDP only on accelerator devices; elsewhere (CPU) it runs DDP or a single process
+        with the whole model on every process, which would otherwise go unnoticed.
+        """
+        requested = getattr(self.args, "fsdp_plugin_args", None) is not None or parse_flag_from_env(
+            "ACCELERATE_USE_FSDP")
+        kind = self.accelerator.distributed_type
+        if not requested or self.is_fsdp_enabled or kind == DistributedType.FSDP:
+            return
+        instead = (f"DistributedDataParallel over {self.accelerator.num_processes} processes"
+                   if self.accelerator.num_processes > 1 else "a single process")
+        warnings.warn(
+            f"FSDP was requested (TrainingArguments.fsdp or an accelerate FSDP config), but this run is not sharded: "
+            f"accelerate runs {instead} (distributed_type {kind.value}, device {self.args.device.type}), each "
+            "process holding the whole model. accelerate uses FSDP only on accelerator devices (CUDA, XPU, ...).",
+            UserWarning, stacklevel=3,
+        )
 
     @property
     def label_regularization(self) -> LabelRegularization:

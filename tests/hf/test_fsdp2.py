@@ -12,6 +12,8 @@ the loss), so TOL = 1e-5 leaves margin while a wrong reduction (a per-process me
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 from _torchrun import run_two_processes
 
@@ -55,3 +57,28 @@ def test_fsdp2_bf16_mixed_precision_runs(fsdp_run, kind):
     result = fsdp_run[f"bf16/{kind}"]
     assert "error" not in result, result.get("error")
     assert result["loss"] < 1e-2 and result["update"] < 5e-2, result
+
+
+def test_fsdp_asked_on_cpu_warns_that_ddp_runs_instead(fsdp_run):
+    (message,) = fsdp_run["fsdp_asked_warnings"]
+    assert "FSDP was requested" in message and "DistributedDataParallel over 2 processes" in message
+
+
+def test_accelerate_fsdp_config_on_one_cpu_process_warns_once(tmp_path, monkeypatch):
+    from conftest import collate, common_args, tiny_llama
+
+    from labo_hf.hf.arguments import LABOTrainingArguments
+    from labo_hf.hf.trainers import LABOTrainer
+
+    args = LABOTrainingArguments(**common_args(str(tmp_path)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LABOTrainer(model=tiny_llama(), args=args, data_collator=collate)
+    assert not [w for w in caught if "FSDP" in str(w.message)]
+    # What `accelerate launch` with an FSDP config sets.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LABOTrainer(model=tiny_llama(), args=args, data_collator=collate)
+    (warning,) = [w for w in caught if "FSDP" in str(w.message)]
+    assert "accelerate runs a single process" in str(warning.message)
