@@ -27,7 +27,7 @@ STEPS = 3
 LEARNING_RATE = 0.5
 LOSS = {"regularizer": "labo", "alpha": 0.2, "temperature": 1.5}
 SHARDINGS = ("root", "own_unit", "root_resharded", "tied")
-KINDS = ("logits", "fused_module", "loss_func_fused", "apply_labo", "apply_labo_fused")
+KINDS = ("logits", "fused_module", "loss_func_fused", "loss_func_fused_expect", "apply_labo", "apply_labo_fused")
 
 
 def make_model(tied: bool = False) -> torch.nn.Module:
@@ -63,7 +63,7 @@ class Step:
     def __init__(self, kind: str, model: torch.nn.Module) -> None:
         self.kind, self.model = kind, model
         self.loss_func = labo_loss_func(**LOSS, shift_labels=True, fused_linear=True, model=model) \
-            if kind == "loss_func_fused" else None
+            if kind.startswith("loss_func_fused") else None
         if kind.startswith("apply_labo"):
             apply_labo(model, **LOSS, fused_linear=kind.endswith("_fused"))
         self.hidden = None
@@ -75,7 +75,9 @@ class Step:
         labels = part["labels"]
         if self.kind.startswith("apply_labo"):
             return self.model(**inputs, labels=labels, num_items_in_batch=count).loss
-        if self.kind == "loss_func_fused":
+        if self.kind.startswith("loss_func_fused"):
+            if self.kind.endswith("_expect"):  # the loss then runs inside the forward
+                self.loss_func.expect(labels, num_items_in_batch=count)
             return self.loss_func(self.model(**inputs), labels, num_items_in_batch=count)
         shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=conftest.IGNORE)
         if self.kind == "logits":

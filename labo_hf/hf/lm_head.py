@@ -83,6 +83,17 @@ def check_plain_linear_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return base, head
 
 
+# The lm_head's own call does not gather a weight that its engine shards with a parent unit (an FSDP2 root wrapped
+# with reshard_after_forward=True) once that unit's forward has ended.
+_RESHARDED_FIX = (
+    "The fused loss ran after the forward, when the FSDP unit holding the lm_head (e.g. the root, wrapped with "
+    "reshard_after_forward=True) had resharded it. Let it run inside the forward: use "
+    "apply_labo(model, fused_linear=True) or LABOTrainer --labo_fused_linear, or call "
+    "loss_fn.expect(labels, num_items_in_batch) before model(...); or make the lm_head its own FSDP unit "
+    "(fully_shard(model.lm_head) before the root)."
+)
+
+
 class LinearHeadCapture:
     """Hooks that let a loss take a training forward's final hidden states instead of its logits.
 
@@ -168,10 +179,10 @@ class LinearHeadCapture:
 
         def forward(h: Tensor) -> Any:
             weight, bias = head.weight, head.bias
-            check_whole_weight(weight, "the lm_head weight")  # e.g. a root FSDP2 unit resharded after forward
+            check_whole_weight(weight, "the lm_head weight", _RESHARDED_FIX)
             h = h.to(weight.dtype)  # under autocast the final norm may return another dtype
             if not self._checked:
-                with torch.no_grad():  # the last position's logits, for `take`'s linear-map check
+                with torch.no_grad():  # the last position's logits, for `check`
                     self._expected_logits = nn.functional.linear(
                         h[..., -1:, :].float(), weight.float(), None if bias is None else bias.float())
             return compute(h, weight, bias)

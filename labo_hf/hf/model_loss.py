@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from labo_hf.hf.lm_head import LinearHeadCapture
@@ -97,6 +98,26 @@ def _shifts(outputs: Any) -> bool:
         f"cannot tell from outputs of type {name} whether labels must be shifted; pass shift_labels=True "
         "(causal LM: position i predicts label i+1) or shift_labels=False"
     )
+
+
+class _ThroughOutputs(torch.autograd.Function):
+    """The fused loss, made to depend on the model's (last-position) logits with a zero gradient.
+
+    Sharding engines hook the backward of a unit onto its outputs: an FSDP2 root wrapped with
+    ``reshard_after_forward=True`` gathers its parameters (the final norm's, the embeddings') again only when a
+    gradient reaches its outputs. A loss computed from the captured hidden states alone would bypass that hook,
+    and the backward would read freed parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, logits: Tensor) -> Tensor:  # noqa: D102
+        ctx.logits = (logits.shape, logits.dtype, logits.device)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # noqa: D102
+        shape, dtype, device = ctx.logits
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
 
 
 class LABOLossFunction:
@@ -190,6 +211,7 @@ class LABOLossFunction:
                 result = self._fused(hidden, labels, num_items_in_batch, shift_labels)
             loss, stats = result
             self.head.check(logits)
+            loss = _ThroughOutputs.apply(loss, logits)
         else:
             targets = self.targets(outputs, labels, shift_labels).to(logits.device)
             loss, stats = label_regularized_loss_with_stats(

@@ -45,10 +45,10 @@ def _sharding(weight: Tensor) -> str | None:
     return None
 
 
-def check_whole_weight(weight: object, name: str = "weight") -> None:
-    """Raise a ValueError naming what was received when `weight` is a shard of a sharded parameter."""
+def check_whole_weight(weight: object, name: str = "weight", fix: str = _FIX) -> None:
+    """Raise a ValueError naming what was received, and `fix`, when `weight` is a shard of a sharded parameter."""
     if not isinstance(weight, Tensor):
         return  # the caller's own type check reports it
     kind = _sharding(weight)
     if kind is not None:
-        raise ValueError(f"{name} is {kind}, not a whole (V, H) matrix. {_FIX}")
+        raise ValueError(f"{name} is {kind}, not a whole (V, H) matrix. {fix}")
