@@ -26,7 +26,7 @@ from labo_hf import FusedLinearLABOLoss, LABOLoss, apply_labo, labo_loss_func  #
 STEPS = 3
 LEARNING_RATE = 0.5
 LOSS = {"regularizer": "labo", "alpha": 0.2, "temperature": 1.5}
-SHARDINGS = ("root", "own_unit", "root_resharded", "tied")
+SHARDINGS = ("root", "own_unit", "root_resharded", "accelerate", "tied")
 KINDS = ("logits", "fused_module", "loss_func_fused", "loss_func_fused_expect", "apply_labo", "apply_labo_fused")
 
 
@@ -54,6 +54,9 @@ def shard(model: torch.nn.Module, sharding: str, mp_policy=None) -> None:
         fully_shard(model.lm_head, **extra)
     for layer in model.model.layers:
         fully_shard(layer, **extra)
+    if sharding == "accelerate":  # what accelerate's FSDP2 plugin builds (fsdp2_prepare_model, accelerate 1.x)
+        fully_shard(model.model.embed_tokens, **extra)
+        fully_shard([model.model.norm, model.lm_head], reshard_after_forward=False, **extra)
     fully_shard(model, reshard_after_forward=sharding == "root_resharded", **extra)
 
 

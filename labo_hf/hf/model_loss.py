@@ -133,6 +133,10 @@ class LABOLossFunction:
             the (N, V) logits (`fused_linear_label_regularized_loss`). Needs ``model``; refuses models whose logits
             are not a plain linear map (softcapping, logit scaling, a transform before the lm_head). Evaluation
             still builds the logits.
+            The loss is computed as a call of the lm_head module, so that sharding engines (FSDP2, DeepSpeed
+            ZeRO-3) hand it the whole weight; after the model's forward by default, or inside it when the targets
+            are given first with ``expect`` (as `LABOTrainer` and `apply_labo` do; needed when the lm_head is
+            resharded with an FSDP2 root after the forward).
         model: the model the Trainer trains (only for ``fused_linear``; hooks are added, ``.remove()`` drops them).
         chunk_size: rows per chunk of the fused loss.
         hook_forward: for ``fused_linear``, arm the hidden-state capture from a forward pre-hook on ``model`` (False:

@@ -1,7 +1,8 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) on CPU, 2 processes with gloo, against 1 process.
 
 One torchrun launch (`tests/_fsdp_worker.py`) runs every case: the lm_head in the root unit, in its own unit,
-with the root resharded after forward, and with tied embeddings; the loss from the logits (`LABOLoss`), from the
+with the root resharded after forward, as accelerate's FSDP2 plugin shards it (the embeddings, and the final
+norm with the lm_head, as units of their own), and with tied embeddings; the loss from the logits (`LABOLoss`), from the
 hidden states by hand (`FusedLinearLABOLoss`), through `labo_loss_func(fused_linear=True)` and through
 `apply_labo` (plain and fused). Each process trains on its half of a batch whose halves keep very different
 numbers of label positions, with the global count; the reference trains one process on the whole batch.
@@ -22,7 +23,7 @@ TOL = 1e-5
 # has resharded (the lm_head as its own unit, or the root resharded), and labo_loss_func called after the
 # forward when the lm_head is resharded with the root (its own call of the lm_head cannot unshard the root).
 REFUSED = {"own_unit/fused_module", "root_resharded/fused_module", "root_resharded/loss_func_fused"}
-SHARDINGS = ("root", "own_unit", "root_resharded", "tied")
+SHARDINGS = ("root", "own_unit", "root_resharded", "accelerate", "tied")
 KINDS = ("logits", "fused_module", "loss_func_fused", "loss_func_fused_expect", "apply_labo", "apply_labo_fused")
 CASES = [f"{sharding}/{kind}" for sharding in SHARDINGS for kind in KINDS]
 
