@@ -100,6 +100,13 @@ def _shifts(outputs: Any) -> bool:
     )
 
 
+def _same_call(expected: tuple, given: tuple) -> bool:
+    """Whether a loss call passes the very targets and count given to `expect` (the same objects, or equal
+    numbers)."""
+    return all(a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b)
+               for a, b in zip(expected, given, strict=True))
+
+
 class _ThroughOutputs(torch.autograd.Function):
     """The fused loss, made to depend on the model's (last-position) logits with a zero gradient.
 
@@ -173,6 +180,7 @@ class LABOLossFunction:
         self.head = LinearHeadCapture(model, hook_forward=hook_forward) if fused_linear else None
         self.last_stats: LossStats | None = None
         self.last_fused = False
+        self._expected: tuple = (None, None, None)  # the targets given to `expect`
 
     @classmethod
     def from_config(cls, config: LossConfig, **kwargs: Any) -> LABOLossFunction:
@@ -213,6 +221,9 @@ class LABOLossFunction:
         if hidden is not None:
             if result is None:  # not computed inside the forward: the lm_head is called again now
                 result = self._fused(hidden, labels, num_items_in_batch, shift_labels)
+            elif not _same_call(self._expected, (labels, num_items_in_batch, shift_labels)):
+                raise ValueError("the fused loss was computed inside the forward from the labels and "
+                                 "num_items_in_batch given to expect(); call the loss with the same ones")
             loss, stats = result
             self.head.check(logits)
             loss = _ThroughOutputs.apply(loss, logits)
@@ -235,6 +246,7 @@ class LABOLossFunction:
         or under ZeRO-3, not of one resharded with the root FSDP2 unit).
         """
         if self.head is not None and (labels is not None or shift_labels is not None):
+            self._expected = (labels, num_items_in_batch, shift_labels)
             self.head.expect(lambda hidden: self._fused(hidden, labels, num_items_in_batch, shift_labels))
 
     def _fused(self, hidden: Tensor, labels: Tensor | None, num_items_in_batch: Tensor | int | None,
