@@ -8,18 +8,12 @@ this same script. BLEU and chrF are computed with sacrebleu on detokenized text,
 Usage (copy-paste; replace the data paths):
 
     # From scratch: a small Marian model and a BPE tokenizer trained on the training data (Multi30k de->en,
-    # parallel text files train.de.gz / train.en.gz, ...).
-    python run_translation.py \\
-        --model_type marian \\
-        --config_overrides "d_model=256,encoder_layers=3,decoder_layers=3,encoder_ffn_dim=1024,decoder_ffn_dim=1024,encoder_attention_heads=4,decoder_attention_heads=4,scale_embedding=True" \\
-        --train_tokenizer_vocab_size 8000 \\
+    # parallel text files train.de.gz / train.en.gz, ...), with the script's from-scratch recipe (below).
+    python run_translation.py --model_type marian \\
         --train_prefix /path/to/multi30k/train --validation_prefix /path/to/multi30k/val \\
-        --test_prefix /path/to/multi30k/test_2016_flickr \\
-        --source_lang de --target_lang en \\
-        --label_regularizer labo --label_regularizer_alpha 0.1 --labo_temperature 2.0 \\
-        --do_train --do_eval --do_predict --predict_with_generate --generation_num_beams 4 \\
-        --per_device_train_batch_size 64 --learning_rate 5e-4 --warmup_steps 1000 --num_train_epochs 20 \\
-        --output_dir runs/marian-multi30k-labo
+        --test_prefix /path/to/multi30k/test_2016_flickr --source_lang de --target_lang en \\
+        --do_train --do_eval --do_predict --predict_with_generate \\
+        --label_regularizer labo --output_dir runs/marian-multi30k-labo
 
     # The label-smoothing baseline: the same with --label_regularizer label_smoothing (and no --labo_temperature)
 
@@ -48,6 +42,14 @@ Outputs in --output_dir: the model with its tokenizer (reloadable with AutoModel
 AutoTokenizer), checkpoints (resumed automatically, or pick one with --resume_from_checkpoint),
 {train,eval,predict,all}_results.json (eval_bleu, eval_chrf, eval_nll, predict_bleu, ...),
 generated_predictions.txt with --do_predict, and a model card (README.md) naming the regularizer.
+
+Defaults of this script for a model trained from scratch (--model_type without --model_name_or_path; each
+applies only when the flag is not set, and the ones applied are logged as "Script defaults applied"):
+--config_overrides with a 1.1M-parameter Marian (d_model 128, 2+2 layers; a T5 of the same sizes),
+--train_tokenizer_vocab_size 3000, --learning_rate 1e-3 --warmup_steps 0.1 --weight_decay 1e-4
+--num_train_epochs 3 --per_device_train_batch_size 64 --per_device_eval_batch_size 128 --logging_steps 25
+--max_source_length 128 --max_target_length 128 --train_sampling_strategy group_by_length; on CPU without
+OMP_NUM_THREADS, the default model uses one thread. transformers' defaults (lr 5e-5, batch 8) suit fine-tuning.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import numpy as np
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
 from sacrebleu.metrics import BLEU, CHRF
+from torch.utils.data import SequentialSampler
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from labo_hf import LABOSeq2SeqTrainer, LABOSeq2SeqTrainingArguments
@@ -77,8 +80,13 @@ from labo_hf.examples.runtime import (
 )
 from labo_hf.examples.seq2seq_from_scratch import (
     SCRATCH_MODEL_TYPES,
+    SCRATCH_TOKENIZER_VOCAB_SIZE,
     TOKENIZER_MODELS,
+    check_max_positions,
+    check_scratch_config,
+    limit_threads_for_small_model,
     scratch_config,
+    scratch_script_defaults,
     train_tokenizer,
 )
 from labo_hf.examples.translation_data import (
@@ -90,7 +98,6 @@ from labo_hf.examples.translation_data import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TOKENIZER_VOCAB_SIZE = 8000
 DEFAULT_TOKENIZER_MODEL = "bpe"
 LOCAL_MODEL_HINT = (
     "Offline, pass a local model folder to --model_name_or_path, or train from scratch with --model_type "
@@ -124,7 +131,7 @@ class ModelArguments(ExampleModelArguments):
     )
     train_tokenizer_vocab_size: int | None = argument(
         "Vocabulary size of the tokenizer trained on the source and target training text (from scratch without "
-        f"--tokenizer_name only). Defaults to {DEFAULT_TOKENIZER_VOCAB_SIZE} there."
+        f"--tokenizer_name only). Defaults to {SCRATCH_TOKENIZER_VOCAB_SIZE} there."
     )
     train_tokenizer_model: str | None = argument(
         "Subword model of the trained tokenizer (from scratch without --tokenizer_name only). Defaults to "
@@ -246,14 +253,22 @@ class DataTrainingArguments(ExampleDataArguments):
         return self.target_lang.split("_")[0]
 
     @property
+    def lengths(self) -> dict[str, int | None]:
+        return {flag: getattr(self, flag) for flag in ("max_source_length", "max_target_length", "val_max_target_length")}
+
+    @property
     def eval_target_length(self) -> int:
         return self.val_max_target_length or self.max_target_length
 
 
-def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrainingArguments, Any]:
-    """The three argument dataclasses from flags or one .json/.yaml file, checked against each other."""
-    (model_args, data_args, training_args), _ = parse_args(
-        (ModelArguments, DataTrainingArguments, LABOSeq2SeqTrainingArguments), argv, description=__doc__
+def parse_arguments(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataTrainingArguments, Any, dict[str, str]]:
+    """The three argument dataclasses from flags or one .json/.yaml file, with the from-scratch defaults for the
+    flags left unset, checked against each other. Returns them and the script defaults applied."""
+    (model_args, data_args, training_args), applied = parse_args(
+        (ModelArguments, DataTrainingArguments, LABOSeq2SeqTrainingArguments), argv, description=__doc__,
+        script_defaults=scratch_script_defaults,
     )
     if training_args.do_predict and not training_args.predict_with_generate:
         raise ValueError("--do_predict writes generated translations and their BLEU/chrF; add --predict_with_generate.")
@@ -276,7 +291,9 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
             "A model built from scratch (--model_type) without --tokenizer_name trains its tokenizer on the "
             "training data: add --do_train, or pass --model_name_or_path to evaluate a trained model."
         )
-    return model_args, data_args, training_args
+    if model_args.model_type is not None:
+        check_scratch_config(model_args.model_type, model_args.config_overrides, data_args.lengths)
+    return model_args, data_args, training_args, applied
 
 
 def needed_splits(training_args: Any) -> list[str]:
@@ -352,7 +369,7 @@ def load_tokenizer(
             return AutoTokenizer.from_pretrained(training_args.output_dir)
         pairs = raw_datasets["train"]["translation"]
         texts = [pair[data_args.source_key] for pair in pairs] + [pair[data_args.target_key] for pair in pairs]
-        vocab_size = model_args.train_tokenizer_vocab_size or DEFAULT_TOKENIZER_VOCAB_SIZE
+        vocab_size = model_args.train_tokenizer_vocab_size or int(SCRATCH_TOKENIZER_VOCAB_SIZE)
         tokenizer_model = model_args.train_tokenizer_model or DEFAULT_TOKENIZER_MODEL
         logger.info(f"Training a {tokenizer_model} tokenizer (vocab_size={vocab_size}) on {len(texts)} texts")
         tokenizer = train_tokenizer(texts, vocab_size, tokenizer_model)
@@ -391,16 +408,7 @@ def load_model(model_args: ModelArguments, data_args: DataTrainingArguments, tok
         model.generation_config.forced_bos_token_id = forced_bos_token_id
     if model.config.decoder_start_token_id is None:
         raise ValueError("The model config has no decoder_start_token_id; set it in the config (--config_name).")
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    # Only models with absolute position embeddings have a hard length limit (T5's attention is relative).
-    if max_positions is not None and not hasattr(model.config, "relative_attention_max_distance"):
-        for flag in ("max_source_length", "max_target_length", "val_max_target_length"):
-            value = getattr(data_args, flag)
-            if value is not None and value > max_positions:
-                raise ValueError(
-                    f"--{flag}={value} exceeds the model's {max_positions} position embeddings; "
-                    f"lower --{flag} to at most {max_positions}."
-                )
+    check_max_positions(model.config, data_args.lengths)
     return model
 
 
@@ -521,15 +529,28 @@ def prediction_writer(tokenizer: Any, output_dir: str, num_examples: int):
     return write
 
 
+class TranslationTrainer(LABOSeq2SeqTrainer):
+    """BLEU pairs each generated text with its reference by position, so evaluation keeps the data set order
+    under --train_sampling_strategy group_by_length too (transformers would sort evaluation by length)."""
+
+    def _get_eval_sampler(self, eval_dataset: Dataset) -> Any:
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_eval_sampler(eval_dataset)
+        # What transformers uses without length grouping: sequential, or sharded in order by accelerate.
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     # 1. Arguments: flags, or a single .json/.yaml file holding them, checked before anything is loaded.
-    model_args, data_args, training_args = parse_arguments(argv)
+    model_args, data_args, training_args, applied_defaults = parse_arguments(argv)
     if data_args.source_prefix is None and "t5" in (model_args.model_name_or_path or "").lower():
         logger.warning("A T5 model expects a task prefix, e.g. --source_prefix 'translate English to German: '")
 
     # 2. Logging, the launch check, the checkpoint to resume from (--resume_from_checkpoint, else the last one
     #    in --output_dir), and the seed.
-    checkpoint, identity = start_run(logger, training_args, model_args=model_args, data_args=data_args)
+    checkpoint, identity = start_run(logger, training_args, applied_defaults, model_args=model_args,
+                                     data_args=data_args)
+    limit_threads_for_small_model(logger, training_args.device.type, applied_defaults)
 
     # 3. Data: Hub data set, json lines / csv / tsv files, or parallel text files.
     raw_datasets = load_raw_datasets(data_args, model_args, needed_splits(training_args))
@@ -562,7 +583,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
 
     # 7. Trainer with the label regularizer selected by --label_regularizer.
-    trainer = LABOSeq2SeqTrainer(
+    trainer = TranslationTrainer(
         model=model,
         args=training_args,
         train_dataset=tokenized.get("train"),
