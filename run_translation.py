@@ -59,15 +59,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
-from sacrebleu.metrics import BLEU, CHRF
 from torch.utils.data import SequentialSampler
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from labo_hf import LABOSeq2SeqTrainer, LABOSeq2SeqTrainingArguments
 from labo_hf.examples.data_checks import drop_blank_text_pairs
+from labo_hf.examples.early_checks import check_sources, check_trainer_flags, one_thread_for_small_model
 from labo_hf.examples.launch import hub_load_errors, shutdown_distributed
 from labo_hf.examples.runtime import (
     ExampleDataArguments,
@@ -84,17 +83,18 @@ from labo_hf.examples.seq2seq_from_scratch import (
     TOKENIZER_MODELS,
     check_max_positions,
     check_scratch_config,
-    limit_threads_for_small_model,
     scratch_config,
     scratch_script_defaults,
     train_tokenizer,
 )
 from labo_hf.examples.translation_data import (
+    find_language_file,
     load_local_file,
     local_file_format,
     read_parallel_text,
     to_translation_format,
 )
+from labo_hf.examples.translation_metrics import build_compute_metrics, prediction_writer
 
 logger = logging.getLogger(__name__)
 
@@ -291,9 +291,31 @@ def parse_arguments(
             "A model built from scratch (--model_type) without --tokenizer_name trains its tokenizer on the "
             "training data: add --do_train, or pass --model_name_or_path to evaluate a trained model."
         )
+    check_before_work(model_args, data_args, training_args, splits)
+    return model_args, data_args, training_args, applied
+
+
+def check_before_work(
+    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: Any, splits: list[str]
+) -> None:
+    """What would otherwise be refused only after data, tokenizer or model work, with files in --output_dir."""
+    check_trainer_flags(training_args, "sequence-to-sequence models")
+    metric = (training_args.metric_for_best_model or "").removeprefix("eval_")
+    if metric in ("bleu", "chrf", "gen_len") and not training_args.predict_with_generate:
+        raise ValueError(f"--metric_for_best_model {metric} is computed on generated text: add --predict_with_generate.")
+    for split in splits if data_args.dataset_name is None else ():
+        prefix = getattr(data_args, f"{split}_prefix")
+        if prefix is None and getattr(data_args, f"{split}_file") is None:
+            raise ValueError(
+                f"The {split} split is needed (by {SPLIT_FLAGS[split]}) but no data was given: pass "
+                f"--{split}_file or --{split}_prefix."
+            )
+        for key in (data_args.source_key, data_args.target_key) if prefix is not None else ():
+            find_language_file(prefix, key, f"--{split}_prefix")
+    check_sources(model_args, ("model_name_or_path", "config_name", "tokenizer_name"), LOCAL_MODEL_HINT,
+                  data_args.dataset_name, LOCAL_DATA_HINT)
     if model_args.model_type is not None:
         check_scratch_config(model_args.model_type, model_args.config_overrides, data_args.lengths)
-    return model_args, data_args, training_args, applied
 
 
 def needed_splits(training_args: Any) -> list[str]:
@@ -322,14 +344,9 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
         data_file, prefix = getattr(data_args, f"{split}_file"), getattr(data_args, f"{split}_prefix")
         if prefix is not None:
             raw[split] = read_parallel_text(prefix, source_key, target_key, f"--{split}_prefix")
-        elif data_file is not None:
+        else:  # one of the two is given (check_before_work)
             dataset = load_local_file(data_file, f"--{split}_file", model_args.cache_dir)
             raw[split] = to_translation_format(dataset, source_key, target_key, f"--{split}_file {data_file}")
-        else:
-            raise ValueError(
-                f"The {split} split is needed (by {SPLIT_FLAGS[split]}) but no data was given: pass "
-                f"--{split}_file or --{split}_prefix."
-            )
     for split in splits:
         # Blank pairs dropped (a file of blank lines would train "successfully"); test pairs only counted.
         source = data_args.dataset_name or getattr(data_args, f"{split}_prefix") or getattr(data_args, f"{split}_file")
@@ -455,56 +472,6 @@ def tokenize_datasets(
     return tokenized
 
 
-def strip_label_ids(row: Any, pad_token_id: int) -> list[int]:
-    """Token ids of one label row without padding (-100 from the collator, pad from the gather/padding)."""
-    return [int(token) for token in row if token != -100 and token != pad_token_id]
-
-
-def build_compute_metrics(
-    tokenizer: Any,
-    label_ids: list[list[int]],
-    references: list[str],
-    bleu_tokenize: str | None,
-    target_lang: str,
-):
-    """compute_metrics for one data set: BLEU and chrF of the generated text against the raw references.
-
-    Evaluation gathers predictions from all processes and pads the last batches with duplicates, so there
-    can be more rows than examples: the rows past the data set's size are dropped, and the remaining rows
-    are checked against the data set's own labels, so each example is scored exactly once and against its
-    own reference (the raw text, not the lossy decoded labels).
-    """
-    pad_token_id = tokenizer.pad_token_id
-    expected = [strip_label_ids(row, pad_token_id) for row in label_ids]
-    bleu = BLEU(tokenize=bleu_tokenize, trg_lang=target_lang)
-    chrf = CHRF()
-
-    def compute_metrics(eval_preds: transformers.EvalPrediction) -> dict[str, float]:
-        predictions, labels = eval_preds.predictions, eval_preds.label_ids
-        if isinstance(predictions, tuple):
-            predictions = predictions[0]
-        num_examples = len(references)
-        if len(predictions) < num_examples:
-            raise RuntimeError(f"Got {len(predictions)} predictions for {num_examples} examples.")
-        predictions, labels = predictions[:num_examples], labels[:num_examples]
-        for index, row in enumerate(labels):
-            if strip_label_ids(row, pad_token_id) != expected[index]:
-                raise RuntimeError(
-                    f"Evaluation output row {index} does not belong to example {index}: predictions are not in "
-                    "data set order, so metrics would use the wrong references."
-                )
-        predictions = np.where(predictions != -100, predictions, pad_token_id)
-        hypotheses = [text.strip() for text in tokenizer.batch_decode(predictions, skip_special_tokens=True)]
-        generated_lengths = [np.count_nonzero(row != pad_token_id) for row in predictions]
-        return {
-            "bleu": round(bleu.corpus_score(hypotheses, [references]).score, 4),
-            "chrf": round(chrf.corpus_score(hypotheses, [references]).score, 4),
-            "gen_len": round(float(np.mean(generated_lengths)), 4),
-        }
-
-    return compute_metrics
-
-
 def dataset_description(data_args: DataTrainingArguments) -> str:
     """The data set's name for the model card; without a name it would read "the None dataset"."""
     if data_args.dataset_name is not None:
@@ -512,21 +479,6 @@ def dataset_description(data_args: DataTrainingArguments) -> str:
     local_data = [getattr(data_args, f"{split}_{kind}") for split in SPLITS for kind in ("file", "prefix")]
     names = ", ".join(os.path.basename(path) for path in local_data if path is not None)
     return f"local {data_args.source_key}-{data_args.target_key} data ({names})"
-
-
-def prediction_writer(tokenizer: Any, output_dir: str, num_examples: int):
-    """Writes generated_predictions.txt, one line per test example."""
-
-    def write(predict_results: Any) -> None:
-        # Rows past the data set's size are the duplicates that pad the last batches across processes.
-        predictions = predict_results.predictions[:num_examples]
-        predictions = np.where(predictions != -100, predictions, tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(predictions, skip_special_tokens=True)
-        with open(os.path.join(output_dir, "generated_predictions.txt"), "w", encoding="utf-8") as writer:
-            # A newline inside a generated text would shift every later line against the test set.
-            writer.writelines(" ".join(text.split("\n")).strip() + "\n" for text in texts)
-
-    return write
 
 
 class TranslationTrainer(LABOSeq2SeqTrainer):
@@ -550,7 +502,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     #    in --output_dir), and the seed.
     checkpoint, identity = start_run(logger, training_args, applied_defaults, model_args=model_args,
                                      data_args=data_args)
-    limit_threads_for_small_model(logger, training_args.device.type, applied_defaults)
+    if "config_overrides" in applied_defaults:
+        one_thread_for_small_model(logger, training_args.device.type, f"The default small {model_args.model_type}")
 
     # 3. Data: Hub data set, json lines / csv / tsv files, or parallel text files.
     raw_datasets = load_raw_datasets(data_args, model_args, needed_splits(training_args))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -57,10 +58,14 @@ def run(command: list[str], log_path: Path) -> dict:
             if first_loss is None and "{'loss':" in line:
                 first_loss = time.perf_counter() - start
     wall = time.perf_counter() - start
+    # CPU seconds of the run: on cores shared with other jobs the wall time says more about them than about
+    # the run; with the script's one thread, CPU time is what the wall time would be on a quiet core.
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         tail = log_path.read_text(encoding="utf-8")[-3000:]
         raise RuntimeError(f"run_translation.py failed ({proc.returncode}); log {log_path}, tail:\n{tail}")
-    return {"wall_seconds": round(wall, 1), "first_loss_seconds": first_loss and round(first_loss, 1)}
+    return {"wall_seconds": round(wall, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            "first_loss_seconds": first_loss and round(first_loss, 1)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -96,14 +101,16 @@ def main(argv: list[str] | None = None) -> dict:
         f"Machine: {record['machine']}. Commit {record['commit']}.\n\n"
         f"Command (DATA = the data folder, OUT = a fresh output folder; extra flags: "
         f"{' '.join(record['extra_flags']) or 'none'}):\n\n    {README_COMMAND}\n\n"
-        f"| test BLEU | test chrF | val BLEU | wall time | first training loss logged after | epochs |\n"
-        f"|---|---|---|---|---|---|\n"
+        f"| test BLEU | test chrF | val BLEU | wall time | CPU time | first training loss logged after | epochs |\n"
+        f"|---|---|---|---|---|---|---|\n"
         f"| {record['predict_bleu']} | {record['predict_chrf']} | {record['eval_bleu']} | "
-        f"{record['wall_seconds'] / 60:.1f} min | {record['first_loss_seconds']} s | {record['epoch']} |\n",
+        f"{record['wall_seconds'] / 60:.1f} min | {record['cpu_seconds'] / 60:.1f} min | "
+        f"{record['first_loss_seconds']} s | {record['epoch']} |\n",
         encoding="utf-8",
     )
     print(f"test BLEU {record['predict_bleu']}, chrF {record['predict_chrf']}, wall time "
-          f"{record['wall_seconds'] / 60:.1f} min, first loss after {record['first_loss_seconds']} s")  # fmt: skip
+          f"{record['wall_seconds'] / 60:.1f} min (CPU {record['cpu_seconds'] / 60:.1f} min), first loss after "
+          f"{record['first_loss_seconds']} s")  # fmt: skip
     return record
 
 

@@ -3,7 +3,6 @@ training text, and a Marian or T5 config wired to its vocabulary and special tok
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from transformers import CONFIG_MAPPING, PretrainedConfig, PreTrainedTokenizerFast
@@ -14,7 +13,6 @@ __all__ = [
     "SCRATCH_TRAINING_DEFAULTS",
     "TOKENIZER_MODELS",
     "check_scratch_config",
-    "limit_threads_for_small_model",
     "scratch_config",
     "scratch_script_defaults",
     "train_tokenizer",
@@ -97,16 +95,6 @@ def train_tokenizer(texts: list[str], vocab_size: int, model: str) -> PreTrained
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN, unk_token=UNK_TOKEN
     )
-
-
-def limit_threads_for_small_model(logger: Any, device_type: str, applied_defaults: dict[str, str]) -> None:
-    """The default small model on CPU runs with one intra-op thread unless OMP_NUM_THREADS is set: on 2 shared
-    cores 2 threads made its steps 2.2x slower (1.8 vs 0.83 s), every op waiting for a descheduled thread."""
-    if "config_overrides" in applied_defaults and device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        import torch
-
-        torch.set_num_threads(1)
-        logger.info("Small default model on CPU: using 1 intra-op thread (set OMP_NUM_THREADS to choose another)")
 
 
 def check_scratch_config(model_type: str, overrides: str | None, lengths: dict[str, int | None]) -> None:
