@@ -47,7 +47,8 @@ def readme_command(data_dir: Path, output_dir: Path) -> list[str]:
 def run(command: list[str], log_path: Path) -> dict:
     """Run the command, streaming its output to ``log_path``; the wall time and when the first loss appeared."""
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    # Unbuffered: the loss lines are printed to a pipe here, and must be timed when printed.
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     first_loss = None
     with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
