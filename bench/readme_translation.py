@@ -51,7 +51,7 @@ def run(command: list[str], log_path: Path) -> dict:
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     first_loss = None
-    with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
+    with open(log_path, "w", encoding="utf-8", buffering=1) as log, subprocess.Popen(
         command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as proc:
         for line in proc.stdout:
