@@ -287,10 +287,6 @@ def _check_before_work(model_args: ModelArguments, data_args: DataTrainingArgume
             f"--train_val_split={data_args.train_val_split} is unused: it only applies with --do_eval and "
             "training data without a validation split"
         )
-    for flag in ("train_dir", "validation_dir", "test_dir"):
-        check_image_folder(getattr(data_args, flag), f"--{flag}")
-    check_sources(model_args, ("model_name_or_path", "config_name", "image_processor_name"), LOCAL_MODEL_HINT,
-                  data_args.dataset_name, LOCAL_DATA_HINT)
     if model_args.model_name_or_path is None and model_args.config_name is None:
         config = _scratch_config(model_args)
         if model_args.image_processor_name is None:
@@ -537,6 +533,10 @@ def prediction_writer(class_names: list[str], output_dir: str):
 def main(argv: list[str] | None = None) -> dict[str, float]:
     # 1. Arguments, with the script's defaults for the flags left unset; checked before anything is loaded.
     model_args, data_args, training_args, applied_defaults = parse_arguments(argv)
+    for flag in ("train_dir", "validation_dir", "test_dir"):  # and every input exists, before any work
+        check_image_folder(getattr(data_args, flag), f"--{flag}")
+    check_sources(model_args, ("model_name_or_path", "config_name", "image_processor_name"), LOCAL_MODEL_HINT,
+                  data_args.dataset_name, LOCAL_DATA_HINT)
 
     # 2. Logging, the launch check, the checkpoint to resume from, and the seed.
     checkpoint, identity = start_run(logger, training_args, applied_defaults, model_args=model_args, data_args=data_args)

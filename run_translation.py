@@ -310,12 +310,18 @@ def check_before_work(
                 f"The {split} split is needed (by {SPLIT_FLAGS[split]}) but no data was given: pass "
                 f"--{split}_file or --{split}_prefix."
             )
+    if model_args.model_type is not None:
+        check_scratch_config(model_args.model_type, model_args.config_overrides, data_args.lengths)
+
+
+def check_inputs_exist(model_args: ModelArguments, data_args: DataTrainingArguments, splits: list[str]) -> None:
+    """The parallel text files, models and data sets named by the flags exist, before any work."""
+    for split in splits if data_args.dataset_name is None else ():
+        prefix = getattr(data_args, f"{split}_prefix")
         for key in (data_args.source_key, data_args.target_key) if prefix is not None else ():
             find_language_file(prefix, key, f"--{split}_prefix")
     check_sources(model_args, ("model_name_or_path", "config_name", "tokenizer_name"), LOCAL_MODEL_HINT,
                   data_args.dataset_name, LOCAL_DATA_HINT)
-    if model_args.model_type is not None:
-        check_scratch_config(model_args.model_type, model_args.config_overrides, data_args.lengths)
 
 
 def needed_splits(training_args: Any) -> list[str]:
@@ -495,6 +501,7 @@ class TranslationTrainer(LABOSeq2SeqTrainer):
 def main(argv: list[str] | None = None) -> dict[str, float]:
     # 1. Arguments: flags, or a single .json/.yaml file holding them, checked before anything is loaded.
     model_args, data_args, training_args, applied_defaults = parse_arguments(argv)
+    check_inputs_exist(model_args, data_args, needed_splits(training_args))
     if data_args.source_prefix is None and "t5" in (model_args.model_name_or_path or "").lower():
         logger.warning("A T5 model expects a task prefix, e.g. --source_prefix 'translate English to German: '")
 
