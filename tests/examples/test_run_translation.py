@@ -384,6 +384,8 @@ def test_from_scratch_defaults_are_applied_only_to_unset_flags(toy_text: Path, t
     assert model_args.config_overrides == SCRATCH_CONFIG_OVERRIDES["marian"]
     assert model_args.train_tokenizer_vocab_size == 3000 and data_args.max_source_length == 128
     assert applied["learning_rate"] == "1e-3" and "config_overrides" in applied
+    model_args, _, _, _ = run_translation.parse_arguments(["--model_type", "t5"] + base[2:])
+    assert model_args.config_overrides == SCRATCH_CONFIG_OVERRIDES["t5"]  # and valid T5 keys (checked at parse)
 
     # An explicit flag wins, even when it equals transformers' default, and is not reported as a script default.
     model_args, _, args, applied = run_translation.parse_arguments(
