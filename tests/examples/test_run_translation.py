@@ -609,3 +609,11 @@ def test_blank_pairs_are_dropped_with_a_warning(tmp_path: Path, run_main, caplog
         run_main(marian_args(data, tmp_path / "out", steps=1))
     assert read_json(tmp_path / "out" / "all_results.json")["train_samples"] == 38
     assert "2 of 40 pairs have an empty or whitespace-only de or en side; dropped" in caplog.text
+
+
+def test_from_scratch_defaults_are_documented() -> None:
+    from labo_hf.examples.seq2seq_from_scratch import SCRATCH_TOKENIZER_VOCAB_SIZE, SCRATCH_TRAINING_DEFAULTS
+
+    doc = " ".join(run_translation.__doc__.split())  # --help shows the docstring
+    for key, value in {**SCRATCH_TRAINING_DEFAULTS, "train_tokenizer_vocab_size": SCRATCH_TOKENIZER_VOCAB_SIZE}.items():
+        assert f"--{key} {value}" in doc, key
