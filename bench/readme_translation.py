@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         **{key: results.get(key) for key in ("predict_bleu", "predict_chrf", "eval_bleu", "eval_chrf",
                                              "train_runtime", "train_loss", "epoch")},
         # The run's threads are the script's choice (1 for its default model on CPU), not this process's.
-        "machine": describe_machine(info).replace(f"with {info['torch_threads']} threads", "threads as the script sets"), **{f"machine_{k}": v for k, v in info.items()},
+        "machine": describe_machine(info).replace(f"with {info['torch_threads']} threads", "(threads: the script's)"), **{f"machine_{k}": v for k, v in info.items()},
     }  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
     write_jsonl(args.out_dir / f"translation_readme_command_{tag}.jsonl", [record])
