@@ -77,19 +77,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out_dir", type=Path, default=RESULTS_DIR, help="where the result files go")
     p.add_argument("--tag", default=None, help="result file suffix (default: cpu, or dry_run)")
     p.add_argument("--dry_run", action="store_true", help="a few steps on a few examples (smoke test)")
+    p.add_argument("--seed", type=int, default=None, help="append --seed N (another seed of the same command)")
     args = p.parse_args(argv)
     tag = args.tag or ("dry_run" if args.dry_run else "cpu")
     work = Path(tempfile.mkdtemp(prefix="readme_translation_"))
     output_dir = args.output_dir or work / "run"
     shutil.rmtree(output_dir, ignore_errors=True)  # a stale folder would be resumed or refused
-    command = readme_command(args.data_dir, output_dir) + (DRY_RUN_FLAGS if args.dry_run else [])
+    extra_flags = (DRY_RUN_FLAGS if args.dry_run else []) + ([] if args.seed is None else ["--seed", str(args.seed)])
+    command = readme_command(args.data_dir, output_dir) + extra_flags
     info = machine_info()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
     timing = run(command, work / "run.log")  # on failure the log stays there, and the error names it
     results = json.loads((output_dir / "all_results.json").read_text(encoding="utf-8"))
     record = {
-        "command": README_COMMAND, "commit": commit.stdout.strip() or None, "extra_flags": DRY_RUN_FLAGS if args.dry_run else [], **timing,
+        "command": README_COMMAND, "commit": commit.stdout.strip() or None, "extra_flags": extra_flags, **timing,
         **{key: results.get(key) for key in ("predict_bleu", "predict_chrf", "eval_bleu", "eval_chrf",
                                              "train_runtime", "train_loss", "epoch")},
         # The run's threads are the script's choice (1 for its default model on CPU), not this process's.
