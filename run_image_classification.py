@@ -91,7 +91,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from datasets import Image as ImageFeature
 from PIL import Image
@@ -106,15 +105,17 @@ from transformers import (
 from labo_hf import LABOTrainer, LABOTrainingArguments
 from labo_hf.analysis.metrics import classification_metrics
 from labo_hf.examples.data_checks import check_images
+from labo_hf.examples.early_checks import check_sources, check_trainer_flags, one_thread_for_small_model
 from labo_hf.examples.image_data import (
     AugmentationEpochCallback,
     ProcessedImageDataset,
     RandomCropFlip,
+    check_image_folder,
     collate_fn,
     load_digits_dataset,
     load_image_folders,
 )
-from labo_hf.examples.launch import check_hub_reachable_or_local, hub_load_errors, shutdown_distributed
+from labo_hf.examples.launch import hub_load_errors, shutdown_distributed
 from labo_hf.examples.runtime import (
     ExampleDataArguments,
     ExampleModelArguments,
@@ -272,7 +273,24 @@ def parse_arguments(
         raise ValueError(f"--test_dir={data_args.test_dir!r} is only used by --do_predict; add --do_predict")
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         raise ValueError("Nothing to do: pass at least one of --do_train, --do_eval, --do_predict")
+    _check_before_work(model_args, data_args, training_args)
     return model_args, data_args, training_args, applied
+
+
+def _check_before_work(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: Any) -> None:
+    """What would otherwise be refused only after the images are read (and --output_dir written)."""
+    check_trainer_flags(training_args, "image classifiers")
+    if training_args.do_predict and not (data_args.dataset_name or data_args.uses_digits or data_args.test_dir):
+        raise ValueError("--do_predict needs a test split: pass --test_dir")
+    if data_args.train_val_split is not None and (not training_args.do_eval or data_args.validation_dir):
+        raise ValueError(
+            f"--train_val_split={data_args.train_val_split} is unused: it only applies with --do_eval and "
+            "training data without a validation split"
+        )
+    if model_args.model_name_or_path is None and model_args.config_name is None:
+        config = _scratch_config(model_args)
+        if model_args.image_processor_name is None:
+            _scratch_processor_class(config.model_type)
 
 
 # ---- Data ----
@@ -298,8 +316,6 @@ def _find_columns(dataset: Dataset, data_args: DataTrainingArguments) -> tuple[s
     return image_column, label_column
 
 
-
-
 def _encode_labels(raw: DatasetDict, label_column: str) -> DatasetDict:
     """Turn plain int or string labels into a ClassLabel shared by all splits (sorted values).
 
@@ -318,8 +334,6 @@ def _encode_labels(raw: DatasetDict, label_column: str) -> DatasetDict:
             batched=True, input_columns=[label_column], features=features,
         )
     return DatasetDict(encoded)
-
-
 
 
 def load_data(
@@ -358,7 +372,7 @@ def load_data(
         split = raw["train"].train_test_split(test_size=test_size, seed=training_args.seed,
                                               stratify_by_column=label_column)  # fmt: skip
         raw["train"], raw["validation"] = split["train"], split["test"]
-    elif data_args.train_val_split is not None:
+    elif data_args.train_val_split is not None:  # a --dataset_name with its own validation split
         raise ValueError(
             f"--train_val_split={data_args.train_val_split} is unused: it only applies with --do_eval and "
             "training data without a validation split"
@@ -413,12 +427,7 @@ def load_model(model_args: ModelArguments, class_names: list[str], do_train: boo
                     f"({checkpoint_classes}); evaluate with the data the model was trained on, or add --do_train"
                 )
     else:
-        config = CONFIG_MAPPING[model_args.model_type or "vit"]()
-        if model_args.uses_small_vit:
-            config.update(SMALL_VIT_CONFIG)
-        if model_args.config_overrides is not None:
-            logger.info(f"Overriding config: {model_args.config_overrides}")
-            config.update_from_string(model_args.config_overrides)
+        config = _scratch_config(model_args)
         config.num_labels, config.label2id, config.id2label = len(class_names), label2id, id2label
         logger.info(f"Training a new {config.model_type} model from scratch: {config}")
 
@@ -441,13 +450,29 @@ def load_model(model_args: ModelArguments, class_names: list[str], do_train: boo
         return model, AutoImageProcessor.from_pretrained(processor_source, **model_args.hub_kwargs)
 
 
+def _scratch_config(model_args: ModelArguments) -> Any:
+    """The from-scratch config: the model type's default (or the small ViT) with --config_overrides applied."""
+    config = CONFIG_MAPPING[model_args.model_type or "vit"]()
+    if model_args.uses_small_vit:
+        config.update(SMALL_VIT_CONFIG)
+    if model_args.config_overrides is not None:
+        try:
+            config.update_from_string(model_args.config_overrides)
+        except ValueError as err:
+            raise ValueError(f"--config_overrides={model_args.config_overrides!r}: {err}") from err
+    return config
+
+
+def _scratch_processor_class(model_type: str) -> Any:
+    processor_class = scratch_image_processor_class(model_type)
+    if processor_class is None:
+        raise ValueError(f"No PIL image processor is known for --model_type {model_type}; pass --image_processor_name")
+    return processor_class
+
+
 def _scratch_image_processor(config: Any) -> Any:
     """The model type's own image processor (PIL backend), resizing to the config's image size."""
-    processor_class = scratch_image_processor_class(config.model_type)
-    if processor_class is None:
-        raise ValueError(
-            f"No PIL image processor is known for --model_type {config.model_type}; pass --image_processor_name"
-        )
+    processor_class = _scratch_processor_class(config.model_type)
     image_size = getattr(config, "image_size", None)
     if image_size is None:
         return processor_class()
@@ -508,20 +533,15 @@ def prediction_writer(class_names: list[str], output_dir: str):
 def main(argv: list[str] | None = None) -> dict[str, float]:
     # 1. Arguments, with the script's defaults for the flags left unset; checked before anything is loaded.
     model_args, data_args, training_args, applied_defaults = parse_arguments(argv)
+    for flag in ("train_dir", "validation_dir", "test_dir"):  # and every input exists, before any work
+        check_image_folder(getattr(data_args, flag), f"--{flag}")
+    check_sources(model_args, ("model_name_or_path", "config_name", "image_processor_name"), LOCAL_MODEL_HINT,
+                  data_args.dataset_name, LOCAL_DATA_HINT)
 
-    # 2. Logging, the launch check, the checkpoint to resume from, and the seed; then the Hub names, checked
-    #    before anything slow.
+    # 2. Logging, the launch check, the checkpoint to resume from, and the seed.
     checkpoint, identity = start_run(logger, training_args, applied_defaults, model_args=model_args, data_args=data_args)
-    for flag in ("model_name_or_path", "config_name", "image_processor_name"):
-        if getattr(model_args, flag) is not None:
-            check_hub_reachable_or_local(getattr(model_args, flag), f"--{flag}", LOCAL_MODEL_HINT,
-                                         cache_dir=model_args.cache_dir)  # fmt: skip
-    if model_args.uses_small_vit and training_args.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # The built-in small ViT multiplies 16x64 matrices: more intra-op threads gain nothing there, and
-        # on oversubscribed cores (a shared machine) their synchronization made steps 10x slower in our
-        # measurements. An explicit OMP_NUM_THREADS is left to torch.
-        torch.set_num_threads(1)
-        logger.info("Small ViT on CPU: using 1 intra-op thread (set OMP_NUM_THREADS to choose another number)")
+    if model_args.uses_small_vit:
+        one_thread_for_small_model(logger, training_args.device.type, "Small ViT")
 
     # 3. Data: a Hub data set, image folders or zips, or the digits default.
     raw, dataset_label, image_column, label_column = load_data(data_args, model_args, training_args)

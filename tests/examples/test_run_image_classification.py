@@ -621,3 +621,24 @@ def test_skip_bad_images_drops_and_counts_them(image_data, tmp_path, monkeypatch
                            "--do_train", "--max_steps", "1", "--skip_bad_images", "true", *TINY_VIT)  # fmt: skip
     assert results["train_samples"] == 36
     assert "left out 3 of 39 images that cannot be decoded" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--labo_fused_linear"], "--labo_fused_linear applies to decoder-only causal LMs"),
+        (["--label_names", "target"], "--label_names target"),
+        (["--model_type", "vit", "--config_overrides", "hiden_size=8"], "--config_overrides='hiden_size=8'"),
+        (["--train_dir", "no-such-folder"], "--train_dir='no-such-folder'"),
+        (["--train_dir", "TRAIN", "--do_predict"], "--do_predict needs a test split"),
+        (["--train_dir", "TRAIN", "--do_train", "--train_val_split", "0.2"], "--train_val_split"),
+        (["--model_name_or_path", "./missing/checkpoint"], "no such local file or folder"),
+    ],
+)
+def test_refusals_come_before_any_work(arguments, message, tmp_path, monkeypatch, image_data):
+    """Refused flag combinations stop before any data or model work: --output_dir is not even created."""
+    arguments = [str(image_data["train"]) if a == "TRAIN" else a for a in arguments]
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        run_main(monkeypatch, "--output_dir", str(out), *arguments)
+    assert not out.exists()
