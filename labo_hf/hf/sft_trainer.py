@@ -12,6 +12,7 @@ trl is an optional dependency: only this module imports it (``labo_hf.LABOSFTTra
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ from labo_hf.hf.trainers import LABOModelCardMixin
 
 __all__ = ["LABOSFTConfig", "LABOSFTTrainer"]
 
+logger = logging.getLogger(__name__)
+
 # Rows of logits turned into probabilities at a time for the metrics, so that they never hold a second (N, V) array.
 _METRIC_ROWS = 1024
 
@@ -35,7 +38,26 @@ _METRIC_ROWS = 1024
 @dataclass
 class LABOSFTConfig(LabelRegularizationArgumentsMixin, SFTConfig):
     """trl's `SFTConfig` plus the label-regularization fields of `LABOTrainingArguments` (``label_regularizer``,
-    ``label_regularizer_alpha``, ``labo_temperature``, ``labo_fused_linear``)."""
+    ``label_regularizer_alpha``, ``labo_temperature``, ``labo_fused_linear``).
+
+    trl turns bf16 on by default; where this machine has no bf16 (a CPU without ``use_cpu=True``), transformers
+    would refuse it, so the default becomes float32 instead, said in one log line. An explicit ``bf16=True`` is
+    left for transformers to refuse.
+    """
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None and not self.fp16 and not _bf16_supported(self.use_cpu):
+            logger.warning("LABOSFTConfig: no bf16 on this machine (no bf16 GPU, use_cpu not set): training in "
+                           "float32 (pass bf16=False to choose it yourself)")
+            self.bf16 = False
+        super().__post_init__()
+
+
+def _bf16_supported(use_cpu: bool) -> bool:
+    """transformers' own condition for accepting ``bf16=True`` (`TrainingArguments.__post_init__`)."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()
 
 
 class LABOSFTTrainer(RunGuardMixin, LABOModelCardMixin, LABOLossMixin, SFTTrainer):
