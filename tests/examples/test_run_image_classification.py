@@ -477,7 +477,7 @@ def test_two_processes_evaluate_each_example_once(image_data, tmp_path):
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
             "--output_dir", str(output_dir), "--use_cpu",
             "--train_dir", str(image_data["train"]), "--validation_dir", str(image_data["validation"]),
-            "--max_steps", "2", *TINY_VIT,
+            "--max_steps", "2", "--log_level_replica", "info", *TINY_VIT,
         ],
         capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=env,
     )
