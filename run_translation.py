@@ -19,7 +19,7 @@ Usage (copy-paste; replace the data paths):
         --label_regularizer labo --label_regularizer_alpha 0.1 --labo_temperature 2.0 \\
         --do_train --do_eval --do_predict --predict_with_generate --generation_num_beams 4 \\
         --per_device_train_batch_size 64 --learning_rate 5e-4 --warmup_steps 1000 --num_train_epochs 20 \\
-        --output_dir runs/marian-multi30k-labo
+        --output_dir outputs/marian-multi30k-labo
 
     # The label-smoothing baseline: the same with --label_regularizer label_smoothing (and no --labo_temperature)
 
@@ -28,19 +28,14 @@ Usage (copy-paste; replace the data paths):
     python run_translation.py \\
         --model_name_or_path Helsinki-NLP/opus-mt-de-en \\
         --train_file train.jsonl --validation_file val.jsonl --source_lang de --target_lang en \\
-        --do_train --do_eval --predict_with_generate --output_dir runs/opus-mt-de-en-labo
+        --do_train --do_eval --predict_with_generate --output_dir outputs/opus-mt-de-en-labo
 
     # T5 needs a task prefix; a from-scratch T5 is --model_type t5 with T5 keys in --config_overrides
     # (e.g. "d_model=256,d_ff=1024,num_layers=3,num_decoder_layers=3,num_heads=4,d_kv=64").
     python run_translation.py \\
         --model_name_or_path google-t5/t5-small --source_prefix "translate English to German: " \\
         --dataset_name wmt/wmt16 --dataset_config_name de-en --source_lang en --target_lang de \\
-        --do_train --do_eval --predict_with_generate --output_dir runs/t5-small-wmt16-labo
-
-    # Several processes: the same arguments under torchrun or accelerate launch.
-    torchrun --nproc_per_node 2 run_translation.py ARGS...
-    accelerate launch --num_processes 2 run_translation.py ARGS...
-    # On CPU add --use_cpu --ddp_backend gloo (and for accelerate, --multi_gpu: its multi-process launcher).
+        --do_train --do_eval --predict_with_generate --output_dir outputs/t5-small-wmt16-labo
 
     python run_translation.py args.json        # or args.yaml: all arguments from one file (keys = flags)
 
@@ -66,6 +61,7 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, DataC
 from labo_hf import LABOSeq2SeqTrainer, LABOSeq2SeqTrainingArguments
 from labo_hf.examples.data_checks import drop_blank_text_pairs
 from labo_hf.examples.launch import hub_load_errors, shutdown_distributed
+from labo_hf.examples.launch_lines import launch_help
 from labo_hf.examples.runtime import (
     ExampleDataArguments,
     ExampleModelArguments,
@@ -253,7 +249,8 @@ class DataTrainingArguments(ExampleDataArguments):
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrainingArguments, Any]:
     """The three argument dataclasses from flags or one .json/.yaml file, checked against each other."""
     (model_args, data_args, training_args), _ = parse_args(
-        (ModelArguments, DataTrainingArguments, LABOSeq2SeqTrainingArguments), argv, description=__doc__
+        (ModelArguments, DataTrainingArguments, LABOSeq2SeqTrainingArguments), argv,
+        description=__doc__ + launch_help("run_translation.py"),
     )
     if training_args.do_predict and not training_args.predict_with_generate:
         raise ValueError("--do_predict writes generated translations and their BLEU/chrF; add --predict_with_generate.")

@@ -165,6 +165,26 @@ def check_launch_matches_world_size(training_args: Any) -> None:
             f"Launched as {launched_processes} processes (WORLD_SIZE) but set up as {training_args.world_size}: "
             "on a machine without GPUs add --use_cpu to run them as one distributed job."
         )
+    if _accelerate_started_one_of_several():
+        logging.getLogger(__name__).warning(
+            "accelerate launch was asked for several processes but started this one alone (world size 1): on a "
+            "machine without GPUs add --multi_gpu (accelerate's multi-process launcher) before the script and "
+            "--use_cpu after it, e.g. `accelerate launch --multi_gpu --num_processes 2 SCRIPT ... --use_cpu`."
+        )
+
+
+def _accelerate_started_one_of_several() -> bool:
+    """Whether accelerate's single-process launcher ran this process although more were asked for.
+
+    ``accelerate launch --num_processes N`` (N > 1) without a multi-process launcher (no ``--multi_gpu`` on a CPU
+    machine) runs the script once, with MASTER_ADDR set for N processes but no WORLD_SIZE (accelerate's
+    ``prepare_simple_launcher_cmd_env``); ACCELERATE_MIXED_PRECISION marks a process accelerate started.
+    """
+    return (
+        "ACCELERATE_MIXED_PRECISION" in os.environ
+        and "MASTER_ADDR" in os.environ
+        and "WORLD_SIZE" not in os.environ
+    )
 
 
 def configure_logging(logger: logging.Logger, training_args: Any) -> None:
