@@ -287,6 +287,15 @@ def test_digits_default_few_steps(tmp_path, monkeypatch):
     processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert processor["size"] == {"height": 16, "width": 16}
 
+    # The same command again (the README's quick start, rerun): the finished run is recognized, although the
+    # default saves no intermediate checkpoint; nothing is trained, the model and its train results are kept.
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    again = run_main(monkeypatch, "--output_dir", str(tmp_path), "--max_steps", "3", "--disable_tqdm", "true")
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
+    assert again["train_loss"] == results["train_loss"] and again["eval_accuracy"] == results["eval_accuracy"]
+    assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 3
+
 
 def test_digits_split_is_fixed_and_stratified():
     dataset = script.load_digits_dataset()
