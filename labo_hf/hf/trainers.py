@@ -45,6 +45,12 @@ class LABOModelCardMixin:
         "Label regularization (LABO)" section with the paper's citation. Done here rather than appended
         afterwards because ``push_to_hub`` regenerates the card through this method."""
         self.check_label_regularization_unchanged()
+        # transformers drops the model-index results of a data set named without Hub tags (local data: "Dropping
+        # the following result..."): the name stands in as its tag, and the `datasets:` metadata, which names
+        # Hub data sets, is removed again below.
+        local_dataset = bool(kwargs.get("dataset")) and not kwargs.get("dataset_tags")
+        if local_dataset:
+            kwargs["dataset_tags"] = kwargs["dataset"]
         tags = kwargs.get("tags")
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         ours = dict.fromkeys([*self._tag_names, *model_card_tags(*self._label_regularization)])
@@ -54,6 +60,8 @@ class LABOModelCardMixin:
         path = os.path.join(self.args.output_dir, "README.md")
         if not self.is_world_process_zero() or not os.path.isfile(path):
             return
+        if local_dataset:
+            _drop_dataset_metadata(path)
         with open(path, encoding="utf-8") as f:
             card = f.read()
         if MODEL_CARD_MARKER not in card:
@@ -61,6 +69,16 @@ class LABOModelCardMixin:
                 f.write("\n" + model_card_section(*self._label_regularization, paper=self._paper,
                                                   cite=self._labo_card_cites))
 
+
+
+def _drop_dataset_metadata(path: str) -> None:
+    """Remove the card's ``datasets:`` metadata (links to Hub data sets), keeping its model-index."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(path)
+    if card.data.get("datasets") is not None:
+        card.data.datasets = None
+        card.save(path)
 
 
 class LABOTrainer(RunGuardMixin, LABOModelCardMixin, LABOLossMixin, Trainer):

@@ -147,6 +147,15 @@ def test_model_card_names_labo(folder_run):
     assert "- labo\n" in card  # tag in the YAML header
     assert "image-classification" in card
     assert "This model was trained from scratch on the train dataset." in card
+    # The model-index holds the run's results (transformers drops them for a data set without Hub tags), and no
+    # `datasets:` metadata names a Hub data set that does not exist.
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(card).data
+    assert data.datasets is None
+    [result] = data.eval_results
+    assert (result.task_type, result.dataset_name, result.metric_type) == ("image-classification", "train", "accuracy")
+    assert result.metric_value == json.loads((output_dir / "eval_results.json").read_text())["eval_accuracy"]
 
 
 def test_fine_tune_from_local_checkpoint_folder(folder_run, image_data, tmp_path, monkeypatch):
