@@ -25,7 +25,7 @@ from labo_hf.hf.loss_mixin import LABOLossMixin
 from labo_hf.hf.model_card import LABO_PAPER, TAG_NAMES
 from labo_hf.hf.model_loss import model_logits
 from labo_hf.hf.run_guard import RunGuardMixin
-from labo_hf.hf.trainers import LABOModelCardMixin
+from labo_hf.hf.trainers import CPUDataLoaderMixin, LABOModelCardMixin
 
 __all__ = ["LABOSFTConfig", "LABOSFTTrainer"]
 
@@ -60,7 +60,7 @@ def _bf16_supported(use_cpu: bool) -> bool:
     return use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()
 
 
-class LABOSFTTrainer(RunGuardMixin, LABOModelCardMixin, LABOLossMixin, SFTTrainer):
+class LABOSFTTrainer(CPUDataLoaderMixin, RunGuardMixin, LABOModelCardMixin, LABOLossMixin, SFTTrainer):
     """trl's `SFTTrainer` training with a label regularizer (LABO by default), in one forward per micro-batch.
 
     Configure it with `LABOSFTConfig`; a plain `SFTConfig` means LABO with its default alpha and temperature. Takes

@@ -7,6 +7,7 @@ section, as trl's trainers do with ``_tag_names`` and ``_paper``).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -27,7 +28,9 @@ from labo_hf.hf.model_card import (
 )
 from labo_hf.hf.run_guard import RunGuardMixin
 
-__all__ = ["LABOModelCardMixin", "LABOSeq2SeqTrainer", "LABOTrainer", "LabelRegularization"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["CPUDataLoaderMixin", "LABOModelCardMixin", "LABOSeq2SeqTrainer", "LABOTrainer", "LabelRegularization"]
 
 
 class LABOModelCardMixin:
@@ -71,6 +74,18 @@ class LABOModelCardMixin:
 
 
 
+class CPUDataLoaderMixin:
+    """Turn off ``dataloader_pin_memory`` where there is no accelerator: pinning only speeds up copies to one, and
+    without one torch ignores it with a UserWarning from every data loader, which the user cannot act on (the
+    example scripts do the same before building the trainer)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.args.dataloader_pin_memory and self.args.device.type == "cpu":
+            logger.info("No accelerator: dataloader_pin_memory has no effect and is turned off.")
+            self.args.dataloader_pin_memory = False
+
+
 def _drop_dataset_metadata(path: str) -> None:
     """Remove the card's ``datasets:`` metadata (links to Hub data sets), keeping its model-index."""
     from huggingface_hub import ModelCard
@@ -81,7 +96,7 @@ def _drop_dataset_metadata(path: str) -> None:
         card.save(path)
 
 
-class LABOTrainer(RunGuardMixin, LABOModelCardMixin, LABOLossMixin, Trainer):
+class LABOTrainer(CPUDataLoaderMixin, RunGuardMixin, LABOModelCardMixin, LABOLossMixin, Trainer):
     """`transformers.Trainer` training with a label regularizer (LABO by default).
 
     Configure it with `LABOTrainingArguments` (``label_regularizer``, ``label_regularizer_alpha``,
@@ -92,7 +107,7 @@ class LABOTrainer(RunGuardMixin, LABOModelCardMixin, LABOLossMixin, Trainer):
     """
 
 
-class LABOSeq2SeqTrainer(RunGuardMixin, LABOModelCardMixin, LABOLossMixin, Seq2SeqTrainer):
+class LABOSeq2SeqTrainer(CPUDataLoaderMixin, RunGuardMixin, LABOModelCardMixin, LABOLossMixin, Seq2SeqTrainer):
     """`transformers.Seq2SeqTrainer` training with a label regularizer (LABO by default).
 
     As `LABOTrainer`, configured with `LABOSeq2SeqTrainingArguments`. With ``predict_with_generate=True``,
