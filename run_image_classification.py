@@ -65,7 +65,9 @@ are logged at startup):
 - Training from scratch (no ``--model_name_or_path``):
   ``--learning_rate 1e-3 --warmup_steps 0.1 --lr_scheduler_type cosine --weight_decay 0.05
   --num_train_epochs 30 --per_device_train_batch_size 64 --per_device_eval_batch_size 256
-  --logging_steps 10 --save_strategy no`` (warmup 0.1 = 10% of the steps; no intermediate checkpoints,
+  --logging_steps 10 --save_strategy no --ddp_find_unused_parameters false`` (warmup 0.1 = 10% of the steps;
+  every parameter of a model built here gets a gradient, so DDP need not search for unused ones; no intermediate
+  checkpoints,
   unless ``--save_steps`` is given, which keeps transformers' ``--save_strategy steps``; the final step is saved
   as a checkpoint, so that rerunning the command recognizes the finished run and trains nothing).
   transformers' own defaults (lr 5e-5, 3 epochs, a checkpoint every 500 steps) suit fine-tuning.
@@ -150,6 +152,9 @@ SCRATCH_TRAINING_DEFAULTS: dict[str, str] = {
     "per_device_eval_batch_size": "256",
     "logging_steps": "10",
     "save_strategy": "no",
+    # Every parameter of a from-scratch model gets a gradient; transformers' default (True) makes DDP search for
+    # unused ones at every step and warn that there are none.
+    "ddp_find_unused_parameters": "false",
 }
 
 # Held out of the training data for evaluation when no validation data is given (--train_val_split).

@@ -372,6 +372,8 @@ def test_cpu_accelerate_line_runs(hub, tmp_path):
     log = completed.stdout + completed.stderr
     assert completed.returncode == 0, log[-4000:]
     assert "Process rank: 0, world size: 2" in log and "Process rank: 1, world size: 2" in log
+    assert "find_unused_parameters=True" not in log  # DDP's warning that the search for unused ones was needless
+    assert "UserWarning" not in log
 
 
 def test_single_process_from_a_multi_process_request_warns(monkeypatch, caplog):
