@@ -423,7 +423,8 @@ def load_model(model_args: ModelArguments, class_names: list[str], do_train: boo
             logger.info(f"Overriding config: {model_args.config_overrides}")
             config.update_from_string(model_args.config_overrides)
         config.num_labels, config.label2id, config.id2label = len(class_names), label2id, id2label
-        logger.info(f"Training a new {config.model_type} model from scratch: {config}")
+        logger.info(f"Training a new {config.model_type} model from scratch (its config at --log_level debug)")
+        logger.debug(f"Model config: {config}")
 
     if model_args.model_name_or_path is not None:
         with hub_load_errors(model_args.model_name_or_path, "--model_name_or_path", LOCAL_MODEL_HINT):
