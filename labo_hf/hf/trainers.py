@@ -53,6 +53,9 @@ class LABOModelCardMixin:
         # Hub data sets, is removed again below.
         local_dataset = bool(kwargs.get("dataset")) and not kwargs.get("dataset_tags")
         if local_dataset:
+            if os.path.exists(str(kwargs["dataset"])):
+                # A local folder's full path means nothing to a reader of the card: its name does.
+                kwargs["dataset"] = os.path.basename(os.path.normpath(str(kwargs["dataset"])))
             kwargs["dataset_tags"] = kwargs["dataset"]
         tags = kwargs.get("tags")
         tags = [tags] if isinstance(tags, str) else list(tags or [])
