@@ -52,8 +52,9 @@ class LABOHandle(NamedTuple):
     model: nn.Module
     loss_fn: LABOLossFunction
     patched: str
-    """``"loss_function"`` or ``"forward"``."""
+    """``"loss_function"`` (with a ``forward`` passing ``num_items_in_batch`` on) or ``"forward"``."""
     previous: Any
+    previous_forward: Any = _MISSING
 
     def remove(self) -> None:
         """Restore the model's own loss."""
@@ -140,8 +141,14 @@ def apply_labo(
     )
     if via_loss_function:
         previous = model.__dict__.get("_loss_function", _MISSING)
-        model.loss_function = functools.partial(_loss_function, loss_fn, builtin)
-        handle = LABOHandle(model, loss_fn, "loss_function", previous)
+        previous_forward = model.__dict__.get("forward", _MISSING)
+        # Some heads (transformers' generic sequence and token classifiers) call their loss without the forward's
+        # **kwargs: the count the forward received is handed to the loss through `count`.
+        count: dict[str, Any] = {"num_items_in_batch": None}
+        model.loss_function = functools.partial(_loss_function, loss_fn, builtin, count)
+        original = model.forward
+        model.forward = functools.wraps(original)(functools.partial(_counting_forward, original, count))
+        handle = LABOHandle(model, loss_fn, "loss_function", previous, previous_forward)
     else:
         previous = model.__dict__.get("forward", _MISSING)
         original = model.forward
@@ -169,13 +176,27 @@ def remove_labo(model: nn.Module) -> None:
             model.__dict__.pop("_loss_function", None)
         else:
             model._loss_function = handle.previous
-    elif handle.previous is _MISSING:
+    previous_forward = handle.previous_forward if handle.patched == "loss_function" else handle.previous
+    if previous_forward is _MISSING:
         model.__dict__.pop("forward", None)
     else:
-        model.forward = handle.previous
+        model.forward = previous_forward
 
 
-def _loss_function(loss_fn: LABOLossFunction, builtin: Any, *args: Any, **kwargs: Any) -> Tensor:
+def _counting_forward(original: Any, count: dict[str, Any], *args: Any,
+                      num_items_in_batch: Tensor | int | None = None, **kwargs: Any) -> Any:
+    """The model's forward, keeping the ``num_items_in_batch`` it was given for the loss function."""
+    if num_items_in_batch is not None:
+        kwargs["num_items_in_batch"] = num_items_in_batch
+    count["num_items_in_batch"] = num_items_in_batch
+    try:
+        return original(*args, **kwargs)
+    finally:
+        count["num_items_in_batch"] = None
+
+
+def _loss_function(loss_fn: LABOLossFunction, builtin: Any, count: dict[str, Any], *args: Any,
+                   **kwargs: Any) -> Tensor:
     """Stands in for transformers' `builtin` loss: the model's call is bound to its signature, so the logits and
     labels are found by name whatever order the model passes them in."""
     signature = inspect.signature(builtin)
@@ -194,8 +215,10 @@ def _loss_function(loss_fn: LABOLossFunction, builtin: Any, *args: Any, **kwargs
         logits = logits.reshape(-1, logits.shape[-1])
         labels = labels.reshape(-1)
     labels = labels.to(logits.device)
-    loss, _ = loss_fn.loss_with_stats(logits, labels, arguments.get("num_items_in_batch"),
-                                      shift_labels=arguments.get("shift_labels"))
+    num_items_in_batch = arguments.get("num_items_in_batch")
+    if num_items_in_batch is None:
+        num_items_in_batch = count["num_items_in_batch"]
+    loss, _ = loss_fn.loss_with_stats(logits, labels, num_items_in_batch, shift_labels=arguments.get("shift_labels"))
     return loss
 
 

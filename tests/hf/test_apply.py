@@ -226,21 +226,17 @@ def test_every_head_family_gets_the_labo_loss(family):
     apply_labo(model, **loss_kwargs("labo"))
     with torch.no_grad():
         got = model(**batch).loss
-        got_count = None if family in _DROPS_COUNT else model(**batch, num_items_in_batch=count).loss
+        got_count = model(**batch, num_items_in_batch=count).loss
     torch.testing.assert_close(got, criterion(logits, labels), rtol=1e-6, atol=1e-6)
-    if got_count is not None:
-        torch.testing.assert_close(got_count, criterion(logits, labels, num_items_in_batch=count),
-                                   rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_count, criterion(logits, labels, num_items_in_batch=count), rtol=1e-6, atol=1e-6)
     assert not torch.allclose(got, builtin)
 
     remove_labo(model)
+    assert "forward" not in model.__dict__ and "_loss_function" not in model.__dict__
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).loss, builtin, rtol=0, atol=0)
 
 
-# transformers' generic sequence/token classification heads (modeling_layers.py) call their loss without the
-# forward's **kwargs, so num_items_in_batch never reaches it, built-in or LABO: the loss is the local mean.
-_DROPS_COUNT = {"text-classification-pooled", "token-classification-loss-function"}
 
 
 @pytest.mark.parametrize(("make_model", "match"), [
