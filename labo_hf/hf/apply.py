@@ -10,7 +10,9 @@ model itself: transformers names each head's loss (``model.loss_type``, a key of
 Models whose forward computes its loss through ``self.loss_function`` (GPT-2, Llama, BERT's masked LM, ViT, ...)
 get an instance-level ``loss_function``: the call is bound to the signature of the transformers loss it replaces,
 so its arguments are read by name whatever order the model passes them in (ViT passes ``(labels, logits,
-config)``, causal LMs ``(logits, labels, vocab_size)``). The others (Marian, T5, BERT's classification heads, which
+config)``, causal LMs ``(logits, labels, vocab_size)``), and a ``forward`` that hands the loss the
+``num_items_in_batch`` it receives (transformers' generic sequence and token classifiers call their loss without
+it, so their built-in loss ignores it). The others (Marian, T5, BERT's classification heads, which
 call ``CrossEntropyLoss`` themselves), and every model with ``fused_linear=True``, get an instance-level
 ``forward`` that runs the original forward without labels and computes the loss from its logits. Either way
 ``num_items_in_batch`` reaches the loss (the Trainer passes it to a forward that takes ``**kwargs``), the class,

@@ -188,7 +188,9 @@ def _audio():
     return {"input_values": torch.randn(3, 160, generator=generator), "labels": torch.tensor([0, 2, 1])}
 
 
-# family -> (model factory, batch factory, whether labels are shifted (causal LM))
+# family -> (model factory, batch factory, whether labels are shifted (causal LM)). The "-pooled" and
+# "-loss-function" ones are transformers' generic heads, which call their loss without num_items_in_batch: the
+# patched model still reduces by it.
 FAMILIES = {
     "causal-lm": (TASKS["llama"].make_model, lambda: _batch(TASKS["llama"]), True),
     "causal-lm-no-loss-type": (TASKS["gpt2"].make_model, lambda: _batch(TASKS["gpt2"]), True),
