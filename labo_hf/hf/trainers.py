@@ -61,13 +61,22 @@ class LABOModelCardMixin:
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         ours = dict.fromkeys([*self._tag_names, *model_card_tags(*self._label_regularization)])
         kwargs["tags"] = tags + [tag for tag in ours if tag not in tags]
-        with model_card_from_scratch_name(self.model, self.args.output_dir, kwargs.get("finetuned_from")):
-            super().create_model_card(*args, **kwargs)
+        # transformers logs "Dropping the following result..." for the results `_fill_model_index` puts back.
+        card_logger = logging.getLogger("transformers.modelcard")
+        level = card_logger.level
+        card_logger.setLevel(max(level, logging.WARNING))
+        try:
+            with model_card_from_scratch_name(self.model, self.args.output_dir, kwargs.get("finetuned_from")):
+                super().create_model_card(*args, **kwargs)
+        finally:
+            card_logger.setLevel(level)
         path = os.path.join(self.args.output_dir, "README.md")
         if not self.is_world_process_zero() or not os.path.isfile(path):
             return
         if local_dataset:
             _drop_dataset_metadata(path)
+        _fill_model_index(path, self.state.log_history, kwargs.get("tasks"), kwargs.get("dataset"),
+                          kwargs.get("dataset_tags"))
         with open(path, encoding="utf-8") as f:
             card = f.read()
         if MODEL_CARD_MARKER not in card:
@@ -87,6 +96,36 @@ class CPUDataLoaderMixin:
         if self.args.dataloader_pin_memory and self.args.device.type == "cpu":
             logger.info("No accelerator: dataloader_pin_memory has no effect and is turned off.")
             self.args.dataloader_pin_memory = False
+
+
+def _fill_model_index(path: str, log_history: list[dict[str, Any]], tasks: Any, dataset: Any, tags: Any) -> None:
+    """Put the run's evaluation metrics into the card's empty model-index.
+
+    transformers keeps model-index results only for the tasks of its ``TASK_TAG_TO_NAME_MAPPING``, which in 5.x has
+    no translation or summarization, and drops the others ("Dropping the following result..."). Code:
+    https://github.com/huggingface/transformers/blob/v5.25.0/src/transformers/modelcard.py (create_model_index).
+    """
+    from huggingface_hub import EvalResult, ModelCard
+    from transformers.modelcard import infer_metric_tags_from_eval_results, parse_log_history
+
+    task = tasks if isinstance(tasks, str) else (tasks or [None])[0]
+    name = dataset if isinstance(dataset, str) else (dataset or [None])[0]
+    tag = tags if isinstance(tags, str) else (tags or [name])[0]
+    if not task or not name:
+        return
+    card = ModelCard.load(path)
+    if card.data.eval_results:
+        return
+    _, _, eval_results = parse_log_history(log_history)
+    metrics = infer_metric_tags_from_eval_results(eval_results)
+    if not metrics:
+        return
+    card.data.eval_results = [
+        EvalResult(task_type=task, dataset_type=tag or name, dataset_name=name, metric_type=metric,
+                   metric_name=shown, metric_value=eval_results[shown])
+        for metric, shown in metrics.items()
+    ]
+    card.save(path)
 
 
 def _drop_dataset_metadata(path: str) -> None:
