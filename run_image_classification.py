@@ -43,20 +43,14 @@ Fine-tune a pretrained checkpoint (Hub id or local folder) on a Hub dataset::
         --learning_rate 2e-5 --num_train_epochs 5 --per_device_train_batch_size 32 \\
         --eval_strategy epoch --save_strategy epoch --push_to_hub
 
-Checkpoints and resuming: pass a ``--save_strategy`` (the from-scratch default is ``no``); running the
-same command again with the same ``--output_dir`` resumes from its last ``checkpoint-*`` folder, and
-``--resume_from_checkpoint`` names one explicitly::
+Checkpoints and resuming: pass a ``--save_strategy`` (the from-scratch default is ``no``, which still saves the
+final step as a checkpoint); running the same command again with the same ``--output_dir`` resumes from its last
+``checkpoint-*`` folder (a finished run: nothing is trained again), and ``--resume_from_checkpoint`` names one
+explicitly::
 
     python run_image_classification.py --output_dir outputs/digits-labo --save_strategy epoch
     python run_image_classification.py --output_dir outputs/digits-labo2 \\
         --resume_from_checkpoint outputs/digits-labo/checkpoint-230
-
-Several processes (the command is otherwise unchanged)::
-
-    torchrun --nproc_per_node 2 run_image_classification.py --output_dir outputs/digits-ddp
-    accelerate launch --num_processes 2 run_image_classification.py --output_dir outputs/digits-ddp
-
-(on a machine without GPUs, add ``--use_cpu`` to the torchrun command).
 
 All arguments can also come from one JSON or YAML file: ``python run_image_classification.py args.yaml``.
 
@@ -71,8 +65,11 @@ are logged at startup):
 - Training from scratch (no ``--model_name_or_path``):
   ``--learning_rate 1e-3 --warmup_steps 0.1 --lr_scheduler_type cosine --weight_decay 0.05
   --num_train_epochs 30 --per_device_train_batch_size 64 --per_device_eval_batch_size 256
-  --logging_steps 10 --save_strategy no`` (warmup 0.1 = 10% of the steps; no intermediate checkpoints,
-  unless ``--save_steps`` is given, which keeps transformers' ``--save_strategy steps``).
+  --logging_steps 10 --save_strategy no --ddp_find_unused_parameters false`` (warmup 0.1 = 10% of the steps;
+  every parameter of a model built here gets a gradient, so DDP need not search for unused ones; no intermediate
+  checkpoints,
+  unless ``--save_steps`` is given, which keeps transformers' ``--save_strategy steps``; the final step is saved
+  as a checkpoint, so that rerunning the command recognizes the finished run and trains nothing).
   transformers' own defaults (lr 5e-5, 3 epochs, a checkpoint every 500 steps) suit fine-tuning.
 - The small ViT default on CPU runs with one intra-op thread unless ``OMP_NUM_THREADS`` is set (its
   matrices are too small to gain from more, and oversubscribed cores make extra threads costly).
@@ -100,6 +97,7 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
+    TrainerCallback,
 )
 
 from labo_hf import LABOTrainer, LABOTrainingArguments
@@ -116,6 +114,7 @@ from labo_hf.examples.image_data import (
     load_image_folders,
 )
 from labo_hf.examples.launch import hub_load_errors, shutdown_distributed
+from labo_hf.examples.launch_lines import launch_help
 from labo_hf.examples.runtime import (
     ExampleDataArguments,
     ExampleModelArguments,
@@ -154,6 +153,9 @@ SCRATCH_TRAINING_DEFAULTS: dict[str, str] = {
     "per_device_eval_batch_size": "256",
     "logging_steps": "10",
     "save_strategy": "no",
+    # Every parameter of a from-scratch model gets a gradient; transformers' default (True) makes DDP search for
+    # unused ones at every step and warn that there are none.
+    "ddp_find_unused_parameters": "false",
 }
 
 # Held out of the training data for evaluation when no validation data is given (--train_val_split).
@@ -261,7 +263,8 @@ def parse_arguments(
     (model_args, data_args, training_args), applied = parse_args(
         (ModelArguments, DataTrainingArguments, LABOTrainingArguments),
         argv,
-        description=__doc__,  # --help starts with the usage commands and script defaults, verbatim
+        # --help starts with the usage commands and script defaults, verbatim, then the launch lines.
+        description=__doc__ + launch_help("run_image_classification.py"),
         script_defaults=_script_defaults,
     )
     if data_args.validation_dir is not None and data_args.train_dir is None and training_args.do_train:
@@ -429,7 +432,8 @@ def load_model(model_args: ModelArguments, class_names: list[str], do_train: boo
     else:
         config = _scratch_config(model_args)
         config.num_labels, config.label2id, config.id2label = len(class_names), label2id, id2label
-        logger.info(f"Training a new {config.model_type} model from scratch: {config}")
+        logger.info(f"Training a new {config.model_type} model from scratch (its config at --log_level debug)")
+        logger.debug(f"Model config: {config}")
 
     if model_args.model_name_or_path is not None:
         with hub_load_errors(model_args.model_name_or_path, "--model_name_or_path", LOCAL_MODEL_HINT):
@@ -530,6 +534,17 @@ def prediction_writer(class_names: list[str], output_dir: str):
     return write
 
 
+class SaveFinalStepCallback(TrainerCallback):
+    """Save the final step as a checkpoint under the script's default ``--save_strategy no``: rerunning the
+    command then resumes from it, recognizes the finished run and trains nothing (`RunGuardMixin`), instead of
+    training the whole run again and overwriting its model."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:  # noqa: D102
+        if state.global_step >= state.max_steps:
+            control.should_save = True
+        return control
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     # 1. Arguments, with the script's defaults for the flags left unset; checked before anything is loaded.
     model_args, data_args, training_args, applied_defaults = parse_arguments(argv)
@@ -572,7 +587,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         processing_class=image_processor,
         data_collator=collate_fn,
         compute_metrics=build_compute_metrics(),
-        callbacks=[AugmentationEpochCallback(augmentation)],
+        callbacks=[AugmentationEpochCallback(augmentation)] + (
+            [SaveFinalStepCallback()] if applied_defaults.get("save_strategy") == "no" else []
+        ),
         run_identity=identity,
     )
 

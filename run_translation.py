@@ -13,7 +13,7 @@ Usage (copy-paste; replace the data paths):
         --train_prefix /path/to/multi30k/train --validation_prefix /path/to/multi30k/val \\
         --test_prefix /path/to/multi30k/test_2016_flickr --source_lang de --target_lang en \\
         --do_train --do_eval --do_predict --predict_with_generate \\
-        --label_regularizer labo --output_dir runs/marian-multi30k-labo
+        --label_regularizer labo --output_dir outputs/marian-multi30k-labo
 
     # The label-smoothing baseline: the same with --label_regularizer label_smoothing (and no --labo_temperature)
 
@@ -22,19 +22,14 @@ Usage (copy-paste; replace the data paths):
     python run_translation.py \\
         --model_name_or_path Helsinki-NLP/opus-mt-de-en \\
         --train_file train.jsonl --validation_file val.jsonl --source_lang de --target_lang en \\
-        --do_train --do_eval --predict_with_generate --output_dir runs/opus-mt-de-en-labo
+        --do_train --do_eval --predict_with_generate --output_dir outputs/opus-mt-de-en-labo
 
     # T5 needs a task prefix; a from-scratch T5 is --model_type t5 with T5 keys in --config_overrides
     # (e.g. "d_model=256,d_ff=1024,num_layers=3,num_decoder_layers=3,num_heads=4,d_kv=64").
     python run_translation.py \\
         --model_name_or_path google-t5/t5-small --source_prefix "translate English to German: " \\
         --dataset_name wmt/wmt16 --dataset_config_name de-en --source_lang en --target_lang de \\
-        --do_train --do_eval --predict_with_generate --output_dir runs/t5-small-wmt16-labo
-
-    # Several processes: the same arguments under torchrun or accelerate launch.
-    torchrun --nproc_per_node 2 run_translation.py ARGS...
-    accelerate launch --num_processes 2 run_translation.py ARGS...
-    # On CPU add --use_cpu --ddp_backend gloo (and for accelerate, --multi_gpu: its multi-process launcher).
+        --do_train --do_eval --predict_with_generate --output_dir outputs/t5-small-wmt16-labo
 
     python run_translation.py args.json        # or args.yaml: all arguments from one file (keys = flags)
 
@@ -68,6 +63,7 @@ from labo_hf import LABOSeq2SeqTrainer, LABOSeq2SeqTrainingArguments
 from labo_hf.examples.data_checks import drop_blank_text_pairs
 from labo_hf.examples.early_checks import check_sources, check_trainer_flags, one_thread_for_small_model
 from labo_hf.examples.launch import hub_load_errors, shutdown_distributed
+from labo_hf.examples.launch_lines import launch_help
 from labo_hf.examples.runtime import (
     ExampleDataArguments,
     ExampleModelArguments,
@@ -267,7 +263,8 @@ def parse_arguments(
     """The three argument dataclasses from flags or one .json/.yaml file, with the from-scratch defaults for the
     flags left unset, checked against each other. Returns them and the script defaults applied."""
     (model_args, data_args, training_args), applied = parse_args(
-        (ModelArguments, DataTrainingArguments, LABOSeq2SeqTrainingArguments), argv, description=__doc__,
+        (ModelArguments, DataTrainingArguments, LABOSeq2SeqTrainingArguments), argv,
+        description=__doc__ + launch_help("run_translation.py"),
         script_defaults=scratch_script_defaults,
     )
     if training_args.do_predict and not training_args.predict_with_generate:

@@ -288,7 +288,7 @@ def test_two_processes_torchrun_scores_each_example_once(tmp_path: Path) -> None
         "--do_train", "--do_predict", "--predict_with_generate", "--generation_max_length", 8,
         "--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 4, "--num_train_epochs", 1,
         "--output_dir", out, "--use_cpu", "--ddp_backend", "gloo", "--report_to", "none", "--disable_tqdm", "true",
-        "--save_strategy", "no", "--seed", 0,
+        "--save_strategy", "no", "--seed", 0, "--log_level_replica", "info",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     completed = subprocess.run(
