@@ -43,20 +43,14 @@ Fine-tune a pretrained checkpoint (Hub id or local folder) on a Hub dataset::
         --learning_rate 2e-5 --num_train_epochs 5 --per_device_train_batch_size 32 \\
         --eval_strategy epoch --save_strategy epoch --push_to_hub
 
-Checkpoints and resuming: pass a ``--save_strategy`` (the from-scratch default is ``no``); running the
-same command again with the same ``--output_dir`` resumes from its last ``checkpoint-*`` folder, and
-``--resume_from_checkpoint`` names one explicitly::
+Checkpoints and resuming: pass a ``--save_strategy`` (the from-scratch default is ``no``, which still saves the
+final step as a checkpoint); running the same command again with the same ``--output_dir`` resumes from its last
+``checkpoint-*`` folder (a finished run: nothing is trained again), and ``--resume_from_checkpoint`` names one
+explicitly::
 
     python run_image_classification.py --output_dir outputs/digits-labo --save_strategy epoch
     python run_image_classification.py --output_dir outputs/digits-labo2 \\
         --resume_from_checkpoint outputs/digits-labo/checkpoint-230
-
-Several processes (the command is otherwise unchanged)::
-
-    torchrun --nproc_per_node 2 run_image_classification.py --output_dir outputs/digits-ddp
-    accelerate launch --num_processes 2 run_image_classification.py --output_dir outputs/digits-ddp
-
-(on a machine without GPUs, add ``--use_cpu`` to the torchrun command).
 
 All arguments can also come from one JSON or YAML file: ``python run_image_classification.py args.yaml``.
 
@@ -71,8 +65,11 @@ are logged at startup):
 - Training from scratch (no ``--model_name_or_path``):
   ``--learning_rate 1e-3 --warmup_steps 0.1 --lr_scheduler_type cosine --weight_decay 0.05
   --num_train_epochs 30 --per_device_train_batch_size 64 --per_device_eval_batch_size 256
-  --logging_steps 10 --save_strategy no`` (warmup 0.1 = 10% of the steps; no intermediate checkpoints,
-  unless ``--save_steps`` is given, which keeps transformers' ``--save_strategy steps``).
+  --logging_steps 10 --save_strategy no --ddp_find_unused_parameters false`` (warmup 0.1 = 10% of the steps;
+  every parameter of a model built here gets a gradient, so DDP need not search for unused ones; no intermediate
+  checkpoints,
+  unless ``--save_steps`` is given, which keeps transformers' ``--save_strategy steps``; the final step is saved
+  as a checkpoint, so that rerunning the command recognizes the finished run and trains nothing).
   transformers' own defaults (lr 5e-5, 3 epochs, a checkpoint every 500 steps) suit fine-tuning.
 - The small ViT default on CPU runs with one intra-op thread unless ``OMP_NUM_THREADS`` is set (its
   matrices are too small to gain from more, and oversubscribed cores make extra threads costly).
@@ -91,7 +88,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from datasets import Image as ImageFeature
 from PIL import Image
@@ -101,20 +97,24 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
+    TrainerCallback,
 )
 
 from labo_hf import LABOTrainer, LABOTrainingArguments
 from labo_hf.analysis.metrics import classification_metrics
 from labo_hf.examples.data_checks import check_images
+from labo_hf.examples.early_checks import check_sources, check_trainer_flags, one_thread_for_small_model
 from labo_hf.examples.image_data import (
     AugmentationEpochCallback,
     ProcessedImageDataset,
     RandomCropFlip,
+    check_image_folder,
     collate_fn,
     load_digits_dataset,
     load_image_folders,
 )
-from labo_hf.examples.launch import check_hub_reachable_or_local, hub_load_errors, shutdown_distributed
+from labo_hf.examples.launch import hub_load_errors, shutdown_distributed
+from labo_hf.examples.launch_lines import launch_help
 from labo_hf.examples.runtime import (
     ExampleDataArguments,
     ExampleModelArguments,
@@ -153,6 +153,9 @@ SCRATCH_TRAINING_DEFAULTS: dict[str, str] = {
     "per_device_eval_batch_size": "256",
     "logging_steps": "10",
     "save_strategy": "no",
+    # Every parameter of a from-scratch model gets a gradient; transformers' default (True) makes DDP search for
+    # unused ones at every step and warn that there are none.
+    "ddp_find_unused_parameters": "false",
 }
 
 # Held out of the training data for evaluation when no validation data is given (--train_val_split).
@@ -260,7 +263,8 @@ def parse_arguments(
     (model_args, data_args, training_args), applied = parse_args(
         (ModelArguments, DataTrainingArguments, LABOTrainingArguments),
         argv,
-        description=__doc__,  # --help starts with the usage commands and script defaults, verbatim
+        # --help starts with the usage commands and script defaults, verbatim, then the launch lines.
+        description=__doc__ + launch_help("run_image_classification.py"),
         script_defaults=_script_defaults,
     )
     if data_args.validation_dir is not None and data_args.train_dir is None and training_args.do_train:
@@ -272,7 +276,24 @@ def parse_arguments(
         raise ValueError(f"--test_dir={data_args.test_dir!r} is only used by --do_predict; add --do_predict")
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         raise ValueError("Nothing to do: pass at least one of --do_train, --do_eval, --do_predict")
+    _check_before_work(model_args, data_args, training_args)
     return model_args, data_args, training_args, applied
+
+
+def _check_before_work(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: Any) -> None:
+    """What would otherwise be refused only after the images are read (and --output_dir written)."""
+    check_trainer_flags(training_args, "image classifiers")
+    if training_args.do_predict and not (data_args.dataset_name or data_args.uses_digits or data_args.test_dir):
+        raise ValueError("--do_predict needs a test split: pass --test_dir")
+    if data_args.train_val_split is not None and (not training_args.do_eval or data_args.validation_dir):
+        raise ValueError(
+            f"--train_val_split={data_args.train_val_split} is unused: it only applies with --do_eval and "
+            "training data without a validation split"
+        )
+    if model_args.model_name_or_path is None and model_args.config_name is None:
+        config = _scratch_config(model_args)
+        if model_args.image_processor_name is None:
+            _scratch_processor_class(config.model_type)
 
 
 # ---- Data ----
@@ -298,8 +319,6 @@ def _find_columns(dataset: Dataset, data_args: DataTrainingArguments) -> tuple[s
     return image_column, label_column
 
 
-
-
 def _encode_labels(raw: DatasetDict, label_column: str) -> DatasetDict:
     """Turn plain int or string labels into a ClassLabel shared by all splits (sorted values).
 
@@ -318,8 +337,6 @@ def _encode_labels(raw: DatasetDict, label_column: str) -> DatasetDict:
             batched=True, input_columns=[label_column], features=features,
         )
     return DatasetDict(encoded)
-
-
 
 
 def load_data(
@@ -358,7 +375,7 @@ def load_data(
         split = raw["train"].train_test_split(test_size=test_size, seed=training_args.seed,
                                               stratify_by_column=label_column)  # fmt: skip
         raw["train"], raw["validation"] = split["train"], split["test"]
-    elif data_args.train_val_split is not None:
+    elif data_args.train_val_split is not None:  # a --dataset_name with its own validation split
         raise ValueError(
             f"--train_val_split={data_args.train_val_split} is unused: it only applies with --do_eval and "
             "training data without a validation split"
@@ -413,14 +430,10 @@ def load_model(model_args: ModelArguments, class_names: list[str], do_train: boo
                     f"({checkpoint_classes}); evaluate with the data the model was trained on, or add --do_train"
                 )
     else:
-        config = CONFIG_MAPPING[model_args.model_type or "vit"]()
-        if model_args.uses_small_vit:
-            config.update(SMALL_VIT_CONFIG)
-        if model_args.config_overrides is not None:
-            logger.info(f"Overriding config: {model_args.config_overrides}")
-            config.update_from_string(model_args.config_overrides)
+        config = _scratch_config(model_args)
         config.num_labels, config.label2id, config.id2label = len(class_names), label2id, id2label
-        logger.info(f"Training a new {config.model_type} model from scratch: {config}")
+        logger.info(f"Training a new {config.model_type} model from scratch (its config at --log_level debug)")
+        logger.debug(f"Model config: {config}")
 
     if model_args.model_name_or_path is not None:
         with hub_load_errors(model_args.model_name_or_path, "--model_name_or_path", LOCAL_MODEL_HINT):
@@ -441,13 +454,29 @@ def load_model(model_args: ModelArguments, class_names: list[str], do_train: boo
         return model, AutoImageProcessor.from_pretrained(processor_source, **model_args.hub_kwargs)
 
 
+def _scratch_config(model_args: ModelArguments) -> Any:
+    """The from-scratch config: the model type's default (or the small ViT) with --config_overrides applied."""
+    config = CONFIG_MAPPING[model_args.model_type or "vit"]()
+    if model_args.uses_small_vit:
+        config.update(SMALL_VIT_CONFIG)
+    if model_args.config_overrides is not None:
+        try:
+            config.update_from_string(model_args.config_overrides)
+        except ValueError as err:
+            raise ValueError(f"--config_overrides={model_args.config_overrides!r}: {err}") from err
+    return config
+
+
+def _scratch_processor_class(model_type: str) -> Any:
+    processor_class = scratch_image_processor_class(model_type)
+    if processor_class is None:
+        raise ValueError(f"No PIL image processor is known for --model_type {model_type}; pass --image_processor_name")
+    return processor_class
+
+
 def _scratch_image_processor(config: Any) -> Any:
     """The model type's own image processor (PIL backend), resizing to the config's image size."""
-    processor_class = scratch_image_processor_class(config.model_type)
-    if processor_class is None:
-        raise ValueError(
-            f"No PIL image processor is known for --model_type {config.model_type}; pass --image_processor_name"
-        )
+    processor_class = _scratch_processor_class(config.model_type)
     image_size = getattr(config, "image_size", None)
     if image_size is None:
         return processor_class()
@@ -505,23 +534,29 @@ def prediction_writer(class_names: list[str], output_dir: str):
     return write
 
 
+class SaveFinalStepCallback(TrainerCallback):
+    """Save the final step as a checkpoint under the script's default ``--save_strategy no``: rerunning the
+    command then resumes from it, recognizes the finished run and trains nothing (`RunGuardMixin`), instead of
+    training the whole run again and overwriting its model."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:  # noqa: D102
+        if state.global_step >= state.max_steps:
+            control.should_save = True
+        return control
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     # 1. Arguments, with the script's defaults for the flags left unset; checked before anything is loaded.
     model_args, data_args, training_args, applied_defaults = parse_arguments(argv)
+    for flag in ("train_dir", "validation_dir", "test_dir"):  # and every input exists, before any work
+        check_image_folder(getattr(data_args, flag), f"--{flag}")
+    check_sources(model_args, ("model_name_or_path", "config_name", "image_processor_name"), LOCAL_MODEL_HINT,
+                  data_args.dataset_name, LOCAL_DATA_HINT)
 
-    # 2. Logging, the launch check, the checkpoint to resume from, and the seed; then the Hub names, checked
-    #    before anything slow.
+    # 2. Logging, the launch check, the checkpoint to resume from, and the seed.
     checkpoint, identity = start_run(logger, training_args, applied_defaults, model_args=model_args, data_args=data_args)
-    for flag in ("model_name_or_path", "config_name", "image_processor_name"):
-        if getattr(model_args, flag) is not None:
-            check_hub_reachable_or_local(getattr(model_args, flag), f"--{flag}", LOCAL_MODEL_HINT,
-                                         cache_dir=model_args.cache_dir)  # fmt: skip
-    if model_args.uses_small_vit and training_args.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # The built-in small ViT multiplies 16x64 matrices: more intra-op threads gain nothing there, and
-        # on oversubscribed cores (a shared machine) their synchronization made steps 10x slower in our
-        # measurements. An explicit OMP_NUM_THREADS is left to torch.
-        torch.set_num_threads(1)
-        logger.info("Small ViT on CPU: using 1 intra-op thread (set OMP_NUM_THREADS to choose another number)")
+    if model_args.uses_small_vit:
+        one_thread_for_small_model(logger, training_args.device.type, "Small ViT")
 
     # 3. Data: a Hub data set, image folders or zips, or the digits default.
     raw, dataset_label, image_column, label_column = load_data(data_args, model_args, training_args)
@@ -552,7 +587,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         processing_class=image_processor,
         data_collator=collate_fn,
         compute_metrics=build_compute_metrics(),
-        callbacks=[AugmentationEpochCallback(augmentation)],
+        callbacks=[AugmentationEpochCallback(augmentation)] + (
+            [SaveFinalStepCallback()] if applied_defaults.get("save_strategy") == "no" else []
+        ),
         run_identity=identity,
     )
 

@@ -8,18 +8,12 @@ this same script. BLEU and chrF are computed with sacrebleu on detokenized text,
 Usage (copy-paste; replace the data paths):
 
     # From scratch: a small Marian model and a BPE tokenizer trained on the training data (Multi30k de->en,
-    # parallel text files train.de.gz / train.en.gz, ...).
-    python run_translation.py \\
-        --model_type marian \\
-        --config_overrides "d_model=256,encoder_layers=3,decoder_layers=3,encoder_ffn_dim=1024,decoder_ffn_dim=1024,encoder_attention_heads=4,decoder_attention_heads=4,scale_embedding=True" \\
-        --train_tokenizer_vocab_size 8000 \\
+    # parallel text files train.de.gz / train.en.gz, ...), with the script's from-scratch recipe (below).
+    python run_translation.py --model_type marian \\
         --train_prefix /path/to/multi30k/train --validation_prefix /path/to/multi30k/val \\
-        --test_prefix /path/to/multi30k/test_2016_flickr \\
-        --source_lang de --target_lang en \\
-        --label_regularizer labo --label_regularizer_alpha 0.1 --labo_temperature 2.0 \\
-        --do_train --do_eval --do_predict --predict_with_generate --generation_num_beams 4 \\
-        --per_device_train_batch_size 64 --learning_rate 5e-4 --warmup_steps 1000 --num_train_epochs 20 \\
-        --output_dir runs/marian-multi30k-labo
+        --test_prefix /path/to/multi30k/test_2016_flickr --source_lang de --target_lang en \\
+        --do_train --do_eval --do_predict --predict_with_generate \\
+        --label_regularizer labo --output_dir outputs/marian-multi30k-labo
 
     # The label-smoothing baseline: the same with --label_regularizer label_smoothing (and no --labo_temperature)
 
@@ -28,19 +22,14 @@ Usage (copy-paste; replace the data paths):
     python run_translation.py \\
         --model_name_or_path Helsinki-NLP/opus-mt-de-en \\
         --train_file train.jsonl --validation_file val.jsonl --source_lang de --target_lang en \\
-        --do_train --do_eval --predict_with_generate --output_dir runs/opus-mt-de-en-labo
+        --do_train --do_eval --predict_with_generate --output_dir outputs/opus-mt-de-en-labo
 
     # T5 needs a task prefix; a from-scratch T5 is --model_type t5 with T5 keys in --config_overrides
     # (e.g. "d_model=256,d_ff=1024,num_layers=3,num_decoder_layers=3,num_heads=4,d_kv=64").
     python run_translation.py \\
         --model_name_or_path google-t5/t5-small --source_prefix "translate English to German: " \\
         --dataset_name wmt/wmt16 --dataset_config_name de-en --source_lang en --target_lang de \\
-        --do_train --do_eval --predict_with_generate --output_dir runs/t5-small-wmt16-labo
-
-    # Several processes: the same arguments under torchrun or accelerate launch.
-    torchrun --nproc_per_node 2 run_translation.py ARGS...
-    accelerate launch --num_processes 2 run_translation.py ARGS...
-    # On CPU add --use_cpu --ddp_backend gloo (and for accelerate, --multi_gpu: its multi-process launcher).
+        --do_train --do_eval --predict_with_generate --output_dir outputs/t5-small-wmt16-labo
 
     python run_translation.py args.json        # or args.yaml: all arguments from one file (keys = flags)
 
@@ -48,6 +37,14 @@ Outputs in --output_dir: the model with its tokenizer (reloadable with AutoModel
 AutoTokenizer), checkpoints (resumed automatically, or pick one with --resume_from_checkpoint),
 {train,eval,predict,all}_results.json (eval_bleu, eval_chrf, eval_nll, predict_bleu, ...),
 generated_predictions.txt with --do_predict, and a model card (README.md) naming the regularizer.
+
+Defaults of this script for a model trained from scratch (--model_type without --model_name_or_path; each
+applies only when the flag is not set, and the ones applied are logged as "Script defaults applied"):
+--config_overrides with a 1.1M-parameter Marian (d_model 128, 2+2 layers; a T5 of the same sizes),
+--train_tokenizer_vocab_size 3000, --learning_rate 1e-3 --warmup_steps 0.1 --weight_decay 1e-4
+--num_train_epochs 3 --per_device_train_batch_size 64 --per_device_eval_batch_size 128 --logging_steps 25
+--max_source_length 128 --max_target_length 128 --train_sampling_strategy group_by_length; on CPU without
+OMP_NUM_THREADS, the default model uses one thread. transformers' defaults (lr 5e-5, batch 8) suit fine-tuning.
 """
 
 from __future__ import annotations
@@ -57,15 +54,16 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
-from sacrebleu.metrics import BLEU, CHRF
+from torch.utils.data import SequentialSampler
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from labo_hf import LABOSeq2SeqTrainer, LABOSeq2SeqTrainingArguments
 from labo_hf.examples.data_checks import drop_blank_text_pairs
+from labo_hf.examples.early_checks import check_sources, check_trainer_flags, one_thread_for_small_model
 from labo_hf.examples.launch import hub_load_errors, shutdown_distributed
+from labo_hf.examples.launch_lines import launch_help
 from labo_hf.examples.runtime import (
     ExampleDataArguments,
     ExampleModelArguments,
@@ -77,20 +75,25 @@ from labo_hf.examples.runtime import (
 )
 from labo_hf.examples.seq2seq_from_scratch import (
     SCRATCH_MODEL_TYPES,
+    SCRATCH_TOKENIZER_VOCAB_SIZE,
     TOKENIZER_MODELS,
+    check_max_positions,
+    check_scratch_config,
     scratch_config,
+    scratch_script_defaults,
     train_tokenizer,
 )
 from labo_hf.examples.translation_data import (
+    find_language_file,
     load_local_file,
     local_file_format,
     read_parallel_text,
     to_translation_format,
 )
+from labo_hf.examples.translation_metrics import build_compute_metrics, prediction_writer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TOKENIZER_VOCAB_SIZE = 8000
 DEFAULT_TOKENIZER_MODEL = "bpe"
 LOCAL_MODEL_HINT = (
     "Offline, pass a local model folder to --model_name_or_path, or train from scratch with --model_type "
@@ -124,7 +127,7 @@ class ModelArguments(ExampleModelArguments):
     )
     train_tokenizer_vocab_size: int | None = argument(
         "Vocabulary size of the tokenizer trained on the source and target training text (from scratch without "
-        f"--tokenizer_name only). Defaults to {DEFAULT_TOKENIZER_VOCAB_SIZE} there."
+        f"--tokenizer_name only). Defaults to {SCRATCH_TOKENIZER_VOCAB_SIZE} there."
     )
     train_tokenizer_model: str | None = argument(
         "Subword model of the trained tokenizer (from scratch without --tokenizer_name only). Defaults to "
@@ -246,14 +249,23 @@ class DataTrainingArguments(ExampleDataArguments):
         return self.target_lang.split("_")[0]
 
     @property
+    def lengths(self) -> dict[str, int | None]:
+        return {flag: getattr(self, flag) for flag in ("max_source_length", "max_target_length", "val_max_target_length")}
+
+    @property
     def eval_target_length(self) -> int:
         return self.val_max_target_length or self.max_target_length
 
 
-def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrainingArguments, Any]:
-    """The three argument dataclasses from flags or one .json/.yaml file, checked against each other."""
-    (model_args, data_args, training_args), _ = parse_args(
-        (ModelArguments, DataTrainingArguments, LABOSeq2SeqTrainingArguments), argv, description=__doc__
+def parse_arguments(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataTrainingArguments, Any, dict[str, str]]:
+    """The three argument dataclasses from flags or one .json/.yaml file, with the from-scratch defaults for the
+    flags left unset, checked against each other. Returns them and the script defaults applied."""
+    (model_args, data_args, training_args), applied = parse_args(
+        (ModelArguments, DataTrainingArguments, LABOSeq2SeqTrainingArguments), argv,
+        description=__doc__ + launch_help("run_translation.py"),
+        script_defaults=scratch_script_defaults,
     )
     if training_args.do_predict and not training_args.predict_with_generate:
         raise ValueError("--do_predict writes generated translations and their BLEU/chrF; add --predict_with_generate.")
@@ -276,7 +288,37 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
             "A model built from scratch (--model_type) without --tokenizer_name trains its tokenizer on the "
             "training data: add --do_train, or pass --model_name_or_path to evaluate a trained model."
         )
-    return model_args, data_args, training_args
+    check_before_work(model_args, data_args, training_args, splits)
+    return model_args, data_args, training_args, applied
+
+
+def check_before_work(
+    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: Any, splits: list[str]
+) -> None:
+    """What would otherwise be refused only after data, tokenizer or model work, with files in --output_dir."""
+    check_trainer_flags(training_args, "sequence-to-sequence models")
+    metric = (training_args.metric_for_best_model or "").removeprefix("eval_")
+    if metric in ("bleu", "chrf", "gen_len") and not training_args.predict_with_generate:
+        raise ValueError(f"--metric_for_best_model {metric} is computed on generated text: add --predict_with_generate.")
+    for split in splits if data_args.dataset_name is None else ():
+        prefix = getattr(data_args, f"{split}_prefix")
+        if prefix is None and getattr(data_args, f"{split}_file") is None:
+            raise ValueError(
+                f"The {split} split is needed (by {SPLIT_FLAGS[split]}) but no data was given: pass "
+                f"--{split}_file or --{split}_prefix."
+            )
+    if model_args.model_type is not None:
+        check_scratch_config(model_args.model_type, model_args.config_overrides, data_args.lengths)
+
+
+def check_inputs_exist(model_args: ModelArguments, data_args: DataTrainingArguments, splits: list[str]) -> None:
+    """The parallel text files, models and data sets named by the flags exist, before any work."""
+    for split in splits if data_args.dataset_name is None else ():
+        prefix = getattr(data_args, f"{split}_prefix")
+        for key in (data_args.source_key, data_args.target_key) if prefix is not None else ():
+            find_language_file(prefix, key, f"--{split}_prefix")
+    check_sources(model_args, ("model_name_or_path", "config_name", "tokenizer_name"), LOCAL_MODEL_HINT,
+                  data_args.dataset_name, LOCAL_DATA_HINT)
 
 
 def needed_splits(training_args: Any) -> list[str]:
@@ -305,14 +347,9 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
         data_file, prefix = getattr(data_args, f"{split}_file"), getattr(data_args, f"{split}_prefix")
         if prefix is not None:
             raw[split] = read_parallel_text(prefix, source_key, target_key, f"--{split}_prefix")
-        elif data_file is not None:
+        else:  # one of the two is given (check_before_work)
             dataset = load_local_file(data_file, f"--{split}_file", model_args.cache_dir)
             raw[split] = to_translation_format(dataset, source_key, target_key, f"--{split}_file {data_file}")
-        else:
-            raise ValueError(
-                f"The {split} split is needed (by {SPLIT_FLAGS[split]}) but no data was given: pass "
-                f"--{split}_file or --{split}_prefix."
-            )
     for split in splits:
         # Blank pairs dropped (a file of blank lines would train "successfully"); test pairs only counted.
         source = data_args.dataset_name or getattr(data_args, f"{split}_prefix") or getattr(data_args, f"{split}_file")
@@ -352,7 +389,7 @@ def load_tokenizer(
             return AutoTokenizer.from_pretrained(training_args.output_dir)
         pairs = raw_datasets["train"]["translation"]
         texts = [pair[data_args.source_key] for pair in pairs] + [pair[data_args.target_key] for pair in pairs]
-        vocab_size = model_args.train_tokenizer_vocab_size or DEFAULT_TOKENIZER_VOCAB_SIZE
+        vocab_size = model_args.train_tokenizer_vocab_size or int(SCRATCH_TOKENIZER_VOCAB_SIZE)
         tokenizer_model = model_args.train_tokenizer_model or DEFAULT_TOKENIZER_MODEL
         logger.info(f"Training a {tokenizer_model} tokenizer (vocab_size={vocab_size}) on {len(texts)} texts")
         tokenizer = train_tokenizer(texts, vocab_size, tokenizer_model)
@@ -391,16 +428,7 @@ def load_model(model_args: ModelArguments, data_args: DataTrainingArguments, tok
         model.generation_config.forced_bos_token_id = forced_bos_token_id
     if model.config.decoder_start_token_id is None:
         raise ValueError("The model config has no decoder_start_token_id; set it in the config (--config_name).")
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    # Only models with absolute position embeddings have a hard length limit (T5's attention is relative).
-    if max_positions is not None and not hasattr(model.config, "relative_attention_max_distance"):
-        for flag in ("max_source_length", "max_target_length", "val_max_target_length"):
-            value = getattr(data_args, flag)
-            if value is not None and value > max_positions:
-                raise ValueError(
-                    f"--{flag}={value} exceeds the model's {max_positions} position embeddings; "
-                    f"lower --{flag} to at most {max_positions}."
-                )
+    check_max_positions(model.config, data_args.lengths)
     return model
 
 
@@ -447,56 +475,6 @@ def tokenize_datasets(
     return tokenized
 
 
-def strip_label_ids(row: Any, pad_token_id: int) -> list[int]:
-    """Token ids of one label row without padding (-100 from the collator, pad from the gather/padding)."""
-    return [int(token) for token in row if token != -100 and token != pad_token_id]
-
-
-def build_compute_metrics(
-    tokenizer: Any,
-    label_ids: list[list[int]],
-    references: list[str],
-    bleu_tokenize: str | None,
-    target_lang: str,
-):
-    """compute_metrics for one data set: BLEU and chrF of the generated text against the raw references.
-
-    Evaluation gathers predictions from all processes and pads the last batches with duplicates, so there
-    can be more rows than examples: the rows past the data set's size are dropped, and the remaining rows
-    are checked against the data set's own labels, so each example is scored exactly once and against its
-    own reference (the raw text, not the lossy decoded labels).
-    """
-    pad_token_id = tokenizer.pad_token_id
-    expected = [strip_label_ids(row, pad_token_id) for row in label_ids]
-    bleu = BLEU(tokenize=bleu_tokenize, trg_lang=target_lang)
-    chrf = CHRF()
-
-    def compute_metrics(eval_preds: transformers.EvalPrediction) -> dict[str, float]:
-        predictions, labels = eval_preds.predictions, eval_preds.label_ids
-        if isinstance(predictions, tuple):
-            predictions = predictions[0]
-        num_examples = len(references)
-        if len(predictions) < num_examples:
-            raise RuntimeError(f"Got {len(predictions)} predictions for {num_examples} examples.")
-        predictions, labels = predictions[:num_examples], labels[:num_examples]
-        for index, row in enumerate(labels):
-            if strip_label_ids(row, pad_token_id) != expected[index]:
-                raise RuntimeError(
-                    f"Evaluation output row {index} does not belong to example {index}: predictions are not in "
-                    "data set order, so metrics would use the wrong references."
-                )
-        predictions = np.where(predictions != -100, predictions, pad_token_id)
-        hypotheses = [text.strip() for text in tokenizer.batch_decode(predictions, skip_special_tokens=True)]
-        generated_lengths = [np.count_nonzero(row != pad_token_id) for row in predictions]
-        return {
-            "bleu": round(bleu.corpus_score(hypotheses, [references]).score, 4),
-            "chrf": round(chrf.corpus_score(hypotheses, [references]).score, 4),
-            "gen_len": round(float(np.mean(generated_lengths)), 4),
-        }
-
-    return compute_metrics
-
-
 def dataset_description(data_args: DataTrainingArguments) -> str:
     """The data set's name for the model card; without a name it would read "the None dataset"."""
     if data_args.dataset_name is not None:
@@ -506,30 +484,30 @@ def dataset_description(data_args: DataTrainingArguments) -> str:
     return f"local {data_args.source_key}-{data_args.target_key} data ({names})"
 
 
-def prediction_writer(tokenizer: Any, output_dir: str, num_examples: int):
-    """Writes generated_predictions.txt, one line per test example."""
+class TranslationTrainer(LABOSeq2SeqTrainer):
+    """BLEU pairs each generated text with its reference by position, so evaluation keeps the data set order
+    under --train_sampling_strategy group_by_length too (transformers would sort evaluation by length)."""
 
-    def write(predict_results: Any) -> None:
-        # Rows past the data set's size are the duplicates that pad the last batches across processes.
-        predictions = predict_results.predictions[:num_examples]
-        predictions = np.where(predictions != -100, predictions, tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(predictions, skip_special_tokens=True)
-        with open(os.path.join(output_dir, "generated_predictions.txt"), "w", encoding="utf-8") as writer:
-            # A newline inside a generated text would shift every later line against the test set.
-            writer.writelines(" ".join(text.split("\n")).strip() + "\n" for text in texts)
-
-    return write
+    def _get_eval_sampler(self, eval_dataset: Dataset) -> Any:
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_eval_sampler(eval_dataset)
+        # What transformers uses without length grouping: sequential, or sharded in order by accelerate.
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     # 1. Arguments: flags, or a single .json/.yaml file holding them, checked before anything is loaded.
-    model_args, data_args, training_args = parse_arguments(argv)
+    model_args, data_args, training_args, applied_defaults = parse_arguments(argv)
+    check_inputs_exist(model_args, data_args, needed_splits(training_args))
     if data_args.source_prefix is None and "t5" in (model_args.model_name_or_path or "").lower():
         logger.warning("A T5 model expects a task prefix, e.g. --source_prefix 'translate English to German: '")
 
     # 2. Logging, the launch check, the checkpoint to resume from (--resume_from_checkpoint, else the last one
     #    in --output_dir), and the seed.
-    checkpoint, identity = start_run(logger, training_args, model_args=model_args, data_args=data_args)
+    checkpoint, identity = start_run(logger, training_args, applied_defaults, model_args=model_args,
+                                     data_args=data_args)
+    if "config_overrides" in applied_defaults:
+        one_thread_for_small_model(logger, training_args.device.type, f"The default small {model_args.model_type}")
 
     # 3. Data: Hub data set, json lines / csv / tsv files, or parallel text files.
     raw_datasets = load_raw_datasets(data_args, model_args, needed_splits(training_args))
@@ -562,7 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
 
     # 7. Trainer with the label regularizer selected by --label_regularizer.
-    trainer = LABOSeq2SeqTrainer(
+    trainer = TranslationTrainer(
         model=model,
         args=training_args,
         train_dataset=tokenized.get("train"),

@@ -7,7 +7,11 @@ plausible alternatives), label smoothing spreads it evenly over the whole vocabu
 
 Model: --model_dir (a model saved by run_translation.py); by default the first LABO model that
 bench/quality_translation.py kept under bench/results/cache/translation/, else a small model is
-trained here briefly through run_translation.py.
+trained here through run_translation.py (--train_steps, about 2 minutes on 2 CPU cores, its progress
+printed; the model is kept in that cache folder, which git ignores, for the next call).
+
+Writes the figure to --out (default outputs/figure_targets.png, under the ignored outputs/ folder) and the
+numbers next to it (.json). The committed figure of the README is made with:
 
     python bench/figure_targets.py --temperature 1 --out bench/results/figure_targets_T1.png
     python bench/figure_targets.py --sentence 3 --position 2 --temperature 1
@@ -38,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--top_k", type=int, default=10)
     p.add_argument("--train_steps", type=int, default=600, help="steps when a model has to be trained here")
     p.add_argument("--data_dir", type=Path, default=DATA_DIR)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "figure_targets.png")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR.parent.parent / "outputs" / "figure_targets.png",
+                   help="figure file (PNG); the numbers go next to it as .json")
     return p.parse_args(argv)
 
 
@@ -55,8 +60,14 @@ def find_or_train_model(args) -> Path:
 
     qargs = qt.parse_args(["--preset", "cpu", "--direction", args.direction, "--max_steps", str(args.train_steps)])
     out = cache / f"figure_{tag}" / "labo_figure"
-    print(f"no trained model found: training one for {args.train_steps} steps into {out}")
-    qt.train(dict(seed=0, regularizer="labo", alpha=args.alpha, temperature=args.temperature), qargs, out)
+    print(f"No trained model found: training one for {args.train_steps} steps into {out} (about 2 minutes on 2 CPU "
+          "cores; the training loss every 50 steps below).", flush=True)
+
+    def progress(line: str) -> None:
+        if "'loss'" in line or "train_runtime" in line:
+            print("  " + line.strip(), flush=True)
+
+    qt.train(dict(seed=0, regularizer="labo", alpha=args.alpha, temperature=args.temperature), qargs, out, progress)
     return out
 
 

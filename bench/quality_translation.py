@@ -166,8 +166,9 @@ def run_name(c: dict) -> str:
     return f"{c['regularizer']}_a{c['alpha']:g}{t}_s{c['seed']}"
 
 
-def train(cfg: dict, args, out: Path) -> dict:
-    """Train one model with run_translation.py in a subprocess; returns its eval_results.json."""
+def train(cfg: dict, args, out: Path, progress=None) -> dict:
+    """Train one model with run_translation.py in a subprocess; returns its eval_results.json. `progress`, if
+    given, receives each line of the run's log as it comes (the training-loss lines show the progress)."""
     mdir = args.data_dir / "multi30k"
     cmd = [sys.executable, str(REPO_ROOT / "run_translation.py"),
            "--model_type", "marian", "--config_overrides", args.config,
@@ -199,10 +200,16 @@ def train(cfg: dict, args, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
+    log_lines = []
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            log_lines.append(line)
+            if progress is not None:
+                progress(line)
+    (out.parent / f"{out.name}.log").write_text("".join(log_lines))
     if proc.returncode != 0:
-        raise RuntimeError(f"run_translation.py failed ({proc.returncode}) for {cfg}; tail:\n{proc.stderr[-3000:]}")
+        tail = "".join(log_lines)[-3000:]
+        raise RuntimeError(f"run_translation.py failed ({proc.returncode}) for {cfg}; tail:\n{tail}")
     res = json.loads((out / "eval_results.json").read_text()) if (out / "eval_results.json").exists() else {}
     res["train_seconds"] = time.perf_counter() - t0
     return res

@@ -13,23 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from labo_hf.examples import EXTRA_PACKAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(ROOT.glob("run_*.py"))
 MAX_SCRIPT_LINES = 600
 MAX_FUNCTION_LINES = 120
 
 CORE = {"torch", "transformers", "accelerate"}
-# Top-level modules only the example scripts and benchmarks use, by the distribution that provides them.
-EXAMPLE_ONLY_MODULES = {
-    "datasets": "datasets",
-    "sacrebleu": "sacrebleu",
-    "sentencepiece": "sentencepiece",
-    "tokenizers": "tokenizers",
-    "PIL": "pillow",
-    "sklearn": "scikit-learn",
-    "yaml": "pyyaml",
-    "matplotlib": "matplotlib",
-}
+# Top-level modules only the example scripts and benchmarks use, by the distribution that provides them: what the
+# scripts' runtime checks for at import, plus the plots' matplotlib.
+EXAMPLE_ONLY_MODULES = {**EXTRA_PACKAGES, "matplotlib": "matplotlib"}
 # The package's layers in dependency order: a module may import labo_hf.<layer> only for layers at or before its own.
 LAYERS = ["kernels", "loss", "hf", "analysis", "examples"]
 PACKAGE = ROOT / "labo_hf"

@@ -22,6 +22,7 @@ __all__ = [
     "AugmentationEpochCallback",
     "ProcessedImageDataset",
     "RandomCropFlip",
+    "check_image_folder",
     "collate_fn",
     "load_digits_dataset",
     "load_image_folders",
@@ -65,6 +66,17 @@ def _image_label_pairs_from_folder(root: str, flag: str) -> list[tuple[str, byte
     return [(path, data, parts[-2]) for parts, path, data in found]
 
 
+def check_image_folder(path: str | None, flag: str) -> None:
+    """``path`` (the value of ``flag``; None: not given) is an existing folder or a readable zip file."""
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise ValueError(f"{flag}={path!r}: no such folder or zip file")
+    if not (os.path.isdir(path) or zipfile.is_zipfile(path)):
+        hint = " (truncated or corrupt? its zip directory cannot be read)" if path.lower().endswith(".zip") else ""
+        raise ValueError(f"{flag}={path!r} is neither a folder nor a zip file{hint}")
+
+
 def load_image_folders(
     train_dir: str | None, validation_dir: str | None, test_dir: str | None
 ) -> DatasetDict:
@@ -79,11 +91,7 @@ def load_image_folders(
     for split, (flag, path) in splits.items():
         if path is None:
             continue
-        if not os.path.exists(path):
-            raise ValueError(f"{flag}={path!r}: no such folder or zip file")
-        if not (os.path.isdir(path) or zipfile.is_zipfile(path)):
-            hint = " (truncated or corrupt? its zip directory cannot be read)" if path.lower().endswith(".zip") else ""
-            raise ValueError(f"{flag}={path!r} is neither a folder nor a zip file{hint}")
+        check_image_folder(path, flag)
         pairs = _image_label_pairs_from_folder(path, flag)
         if not pairs:
             raise ValueError(

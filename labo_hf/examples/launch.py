@@ -142,9 +142,10 @@ def log_process_summary(logger: logging.Logger, training_args: Any) -> None:
     """Log, on every process, its rank, the world size, the device and the precision.
 
     The world size is logged explicitly because it is what changes between plain ``python``, ``torchrun`` and
-    ``accelerate launch`` runs of the same command, and tests read it back.
+    ``accelerate launch`` runs of the same command, and tests read it back. At info level: it reports, it does not
+    warn (replicas, at ``--log_level_replica warning`` by default, do not print it).
     """
-    logger.warning(
+    logger.info(
         f"Process rank: {training_args.process_index}, world size: {training_args.world_size}, "
         f"device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
         f"distributed training: {training_args.parallel_mode.value == 'distributed'}, "
@@ -164,6 +165,26 @@ def check_launch_matches_world_size(training_args: Any) -> None:
             f"Launched as {launched_processes} processes (WORLD_SIZE) but set up as {training_args.world_size}: "
             "on a machine without GPUs add --use_cpu to run them as one distributed job."
         )
+    if _accelerate_started_one_of_several():
+        logging.getLogger(__name__).warning(
+            "accelerate launch was asked for several processes but started this one alone (world size 1): on a "
+            "machine without GPUs add --multi_gpu (accelerate's multi-process launcher) before the script and "
+            "--use_cpu after it, e.g. `accelerate launch --multi_gpu --num_processes 2 SCRIPT ... --use_cpu`."
+        )
+
+
+def _accelerate_started_one_of_several() -> bool:
+    """Whether accelerate's single-process launcher ran this process although more were asked for.
+
+    ``accelerate launch --num_processes N`` (N > 1) without a multi-process launcher (no ``--multi_gpu`` on a CPU
+    machine) runs the script once, with MASTER_ADDR set for N processes but no WORLD_SIZE (accelerate's
+    ``prepare_simple_launcher_cmd_env``); ACCELERATE_MIXED_PRECISION marks a process accelerate started.
+    """
+    return (
+        "ACCELERATE_MIXED_PRECISION" in os.environ
+        and "MASTER_ADDR" in os.environ
+        and "WORLD_SIZE" not in os.environ
+    )
 
 
 def configure_logging(logger: logging.Logger, training_args: Any) -> None:
@@ -188,7 +209,21 @@ def configure_logging(logger: logging.Logger, training_args: Any) -> None:
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
     log_process_summary(logger, training_args)
-    logger.info(f"Training/evaluation parameters {training_args}")
+    logger.info(_arguments_summary(training_args) + " (all training arguments at --log_level debug)")
+    logger.debug(f"Training/evaluation parameters {training_args}")
+
+
+def _arguments_summary(training_args: Any) -> str:
+    """One line with the training arguments a reader checks first."""
+    length = (f"max_steps {training_args.max_steps}" if training_args.max_steps > 0
+              else f"epochs {training_args.num_train_epochs:g}")
+    regularizer = getattr(training_args, "label_regularizer", None)
+    return (
+        f"Training arguments: output_dir {training_args.output_dir}, {length}, learning_rate "
+        f"{training_args.learning_rate:g}, per-device batch {training_args.per_device_train_batch_size}, "
+        f"gradient accumulation {training_args.gradient_accumulation_steps}, seed {training_args.seed}"
+        + (f", label_regularizer {regularizer}" if regularizer else "")
+    )
 
 
 def shutdown_distributed() -> None:

@@ -15,6 +15,7 @@ global sum over the global count however the batch is split.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,12 @@ from labo_hf.loss.config import LossConfig
 from labo_hf.loss.functional import label_regularized_loss_with_stats
 from labo_hf.loss.fused_linear import fused_linear_label_regularized_loss_with_stats
 from labo_hf.loss.validation import LossStats
+
+logger = logging.getLogger(__name__)
+
+# Calls during which `LABOLossFunction` compares num_items_in_batch with its labels (each check reads two counts
+# back from the device, so it stops after the first steps).
+_COUNT_CHECK_CALLS = 16
 
 __all__ = ["LABOLossFunction", "check_class_labels", "is_causal_lm", "labo_loss_func", "model_logits", "prepare_decoder_inputs"]
 
@@ -181,6 +188,7 @@ class LABOLossFunction:
         self.last_stats: LossStats | None = None
         self.last_fused = False
         self._expected: tuple = (None, None, None)  # the targets given to `expect`
+        self._count_watch: list[int] | None = [0, -1, 0, 0]  # calls, count, unshifted sum, shifted sum
 
     @classmethod
     def from_config(cls, config: LossConfig, **kwargs: Any) -> LABOLossFunction:
@@ -217,10 +225,13 @@ class LABOLossFunction:
             raise ValueError("the LABO loss needs labels; the batch has none")
         check_class_labels(labels)
         logits = model_logits(outputs)
+        targets = self.targets(outputs, labels, shift_labels).to(logits.device)
+        if shift_labels is None and num_items_in_batch is not None and self._count_watch is not None:
+            self._check_shifted_count(labels, targets, num_items_in_batch)
         hidden, result = self.head.take(logits) if self.head is not None else (None, None)
         if hidden is not None:
             if result is None:  # not computed inside the forward: the lm_head is called again now
-                result = self._fused(hidden, labels, num_items_in_batch, shift_labels)
+                result = self._fused(hidden, targets, num_items_in_batch)
             elif not _same_call(self._expected, (labels, num_items_in_batch, shift_labels)):
                 raise ValueError("the fused loss was computed inside the forward from the labels and "
                                  "num_items_in_batch given to expect(); call the loss with the same ones")
@@ -228,7 +239,6 @@ class LABOLossFunction:
             self.head.check(logits)
             loss = _ThroughOutputs.apply(loss, logits)
         else:
-            targets = self.targets(outputs, labels, shift_labels).to(logits.device)
             loss, stats = label_regularized_loss_with_stats(
                 logits, targets, num_items_in_batch=num_items_in_batch, **self.config.loss_kwargs()
             )
@@ -247,12 +257,14 @@ class LABOLossFunction:
         """
         if self.head is not None and (labels is not None or shift_labels is not None):
             self._expected = (labels, num_items_in_batch, shift_labels)
-            self.head.expect(lambda hidden: self._fused(hidden, labels, num_items_in_batch, shift_labels))
+            targets = self.targets(None, labels, shift_labels)
+            self.head.expect(lambda hidden: self._fused(hidden, targets, num_items_in_batch))
 
-    def _fused(self, hidden: Tensor, labels: Tensor | None, num_items_in_batch: Tensor | int | None,
-               shift_labels: Tensor | None) -> tuple[Tensor, LossStats]:
-        """The fused linear loss of `hidden`, computed as a call of the lm_head (see `LinearHeadCapture.run`)."""
-        targets = self.targets(None, labels, shift_labels).to(hidden.device).reshape(-1)
+    def _fused(self, hidden: Tensor, targets: Tensor, num_items_in_batch: Tensor | int | None,
+               ) -> tuple[Tensor, LossStats]:
+        """The fused linear loss of `hidden` for the aligned `targets`, computed as a call of the lm_head (see
+        `LinearHeadCapture.run`)."""
+        targets = targets.to(hidden.device).reshape(-1)
 
         def compute(h: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, ...]:
             loss, stats = fused_linear_label_regularized_loss_with_stats(
@@ -264,6 +276,30 @@ class LABOLossFunction:
 
         loss, *stats = self.head.run(compute, hidden)
         return loss, LossStats(*stats)
+
+    def _check_shifted_count(self, labels: Tensor, targets: Tensor, num_items_in_batch: Tensor | int) -> None:
+        """Warn once when ``num_items_in_batch`` counted the unshifted labels of a shifted loss.
+
+        transformers counts ``labels[..., 1:]`` only for ``loss_type="ForCausalLM"``; for GPT-2 (none) a plain
+        Trainer counts every label, and the loss comes out too small by the first positions' share. Seen here when
+        one process's micro-batches sum, unshifted, to the count (a count over several processes is not checked).
+        """
+        watch = self._count_watch
+        ignore = self.config.ignore_index
+        count = int(num_items_in_batch.reshape(-1)[0]) if isinstance(num_items_in_batch, Tensor) else int(num_items_in_batch)
+        if count != watch[1]:
+            watch[1:] = [count, 0, 0]
+        watch[0] += 1
+        watch[2] += int((labels != ignore).sum())
+        watch[3] += int((targets != ignore).sum())
+        if watch[2] == count != watch[3]:
+            logger.warning(
+                "num_items_in_batch (%d) counts the unshifted labels, but this causal-LM loss predicts labels[..., "
+                "1:] only (%d positions), so the loss is too small: set model.loss_type = \"ForCausalLM\" before "
+                "building the Trainer (GPT-2 has none), or use LABOTrainer or apply_labo.", count, watch[3])
+            self._count_watch = None
+        elif watch[0] >= _COUNT_CHECK_CALLS:
+            self._count_watch = None
 
     def remove(self) -> None:
         """Remove the hooks ``fused_linear`` put on the model."""

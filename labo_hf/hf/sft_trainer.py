@@ -12,6 +12,7 @@ trl is an optional dependency: only this module imports it (``labo_hf.LABOSFTTra
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,11 @@ from labo_hf.hf.loss_mixin import LABOLossMixin
 from labo_hf.hf.model_card import LABO_PAPER, TAG_NAMES
 from labo_hf.hf.model_loss import model_logits
 from labo_hf.hf.run_guard import RunGuardMixin
-from labo_hf.hf.trainers import LABOModelCardMixin
+from labo_hf.hf.trainers import CPUDataLoaderMixin, LABOModelCardMixin
 
 __all__ = ["LABOSFTConfig", "LABOSFTTrainer"]
+
+logger = logging.getLogger(__name__)
 
 # Rows of logits turned into probabilities at a time for the metrics, so that they never hold a second (N, V) array.
 _METRIC_ROWS = 1024
@@ -35,10 +38,29 @@ _METRIC_ROWS = 1024
 @dataclass
 class LABOSFTConfig(LabelRegularizationArgumentsMixin, SFTConfig):
     """trl's `SFTConfig` plus the label-regularization fields of `LABOTrainingArguments` (``label_regularizer``,
-    ``label_regularizer_alpha``, ``labo_temperature``, ``labo_fused_linear``)."""
+    ``label_regularizer_alpha``, ``labo_temperature``, ``labo_fused_linear``).
+
+    trl turns bf16 on by default; where this machine has no bf16 (a CPU without ``use_cpu=True``), transformers
+    would refuse it, so the default becomes float32 instead, said in one log line. An explicit ``bf16=True`` is
+    left for transformers to refuse.
+    """
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None and not self.fp16 and not _bf16_supported(self.use_cpu):
+            logger.warning("LABOSFTConfig: no bf16 on this machine (no bf16 GPU, use_cpu not set): training in "
+                           "float32 (pass bf16=False to choose it yourself)")
+            self.bf16 = False
+        super().__post_init__()
 
 
-class LABOSFTTrainer(RunGuardMixin, LABOModelCardMixin, LABOLossMixin, SFTTrainer):
+def _bf16_supported(use_cpu: bool) -> bool:
+    """transformers' own condition for accepting ``bf16=True`` (`TrainingArguments.__post_init__`)."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()
+
+
+class LABOSFTTrainer(CPUDataLoaderMixin, RunGuardMixin, LABOModelCardMixin, LABOLossMixin, SFTTrainer):
     """trl's `SFTTrainer` training with a label regularizer (LABO by default), in one forward per micro-batch.
 
     Configure it with `LABOSFTConfig`; a plain `SFTConfig` means LABO with its default alpha and temperature. Takes

@@ -7,6 +7,7 @@ section, as trl's trainers do with ``_tag_names`` and ``_paper``).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -27,7 +28,9 @@ from labo_hf.hf.model_card import (
 )
 from labo_hf.hf.run_guard import RunGuardMixin
 
-__all__ = ["LABOModelCardMixin", "LABOSeq2SeqTrainer", "LABOTrainer", "LabelRegularization"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["CPUDataLoaderMixin", "LABOModelCardMixin", "LABOSeq2SeqTrainer", "LABOTrainer", "LabelRegularization"]
 
 
 class LABOModelCardMixin:
@@ -45,15 +48,35 @@ class LABOModelCardMixin:
         "Label regularization (LABO)" section with the paper's citation. Done here rather than appended
         afterwards because ``push_to_hub`` regenerates the card through this method."""
         self.check_label_regularization_unchanged()
+        # transformers drops the model-index results of a data set named without Hub tags (local data: "Dropping
+        # the following result..."): the name stands in as its tag, and the `datasets:` metadata, which names
+        # Hub data sets, is removed again below.
+        local_dataset = bool(kwargs.get("dataset")) and not kwargs.get("dataset_tags")
+        if local_dataset:
+            if os.path.exists(str(kwargs["dataset"])):
+                # A local folder's full path means nothing to a reader of the card: its name does.
+                kwargs["dataset"] = os.path.basename(os.path.normpath(str(kwargs["dataset"])))
+            kwargs["dataset_tags"] = kwargs["dataset"]
         tags = kwargs.get("tags")
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         ours = dict.fromkeys([*self._tag_names, *model_card_tags(*self._label_regularization)])
         kwargs["tags"] = tags + [tag for tag in ours if tag not in tags]
-        with model_card_from_scratch_name(self.model, self.args.output_dir, kwargs.get("finetuned_from")):
-            super().create_model_card(*args, **kwargs)
+        # transformers logs "Dropping the following result..." for the results `_fill_model_index` puts back.
+        card_logger = logging.getLogger("transformers.modelcard")
+        level = card_logger.level
+        card_logger.setLevel(max(level, logging.WARNING))
+        try:
+            with model_card_from_scratch_name(self.model, self.args.output_dir, kwargs.get("finetuned_from")):
+                super().create_model_card(*args, **kwargs)
+        finally:
+            card_logger.setLevel(level)
         path = os.path.join(self.args.output_dir, "README.md")
         if not self.is_world_process_zero() or not os.path.isfile(path):
             return
+        if local_dataset:
+            _drop_dataset_metadata(path)
+        _fill_model_index(path, self.state.log_history, kwargs.get("tasks"), kwargs.get("dataset"),
+                          kwargs.get("dataset_tags"))
         with open(path, encoding="utf-8") as f:
             card = f.read()
         if MODEL_CARD_MARKER not in card:
@@ -63,7 +86,59 @@ class LABOModelCardMixin:
 
 
 
-class LABOTrainer(RunGuardMixin, LABOModelCardMixin, LABOLossMixin, Trainer):
+class CPUDataLoaderMixin:
+    """Turn off ``dataloader_pin_memory`` where there is no accelerator: pinning only speeds up copies to one, and
+    without one torch ignores it with a UserWarning from every data loader, which the user cannot act on (the
+    example scripts do the same before building the trainer)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.args.dataloader_pin_memory and self.args.device.type == "cpu":
+            logger.info("No accelerator: dataloader_pin_memory has no effect and is turned off.")
+            self.args.dataloader_pin_memory = False
+
+
+def _fill_model_index(path: str, log_history: list[dict[str, Any]], tasks: Any, dataset: Any, tags: Any) -> None:
+    """Put the run's evaluation metrics into the card's empty model-index.
+
+    transformers keeps model-index results only for the tasks of its ``TASK_TAG_TO_NAME_MAPPING``, which in 5.x has
+    no translation or summarization, and drops the others ("Dropping the following result..."). Code:
+    https://github.com/huggingface/transformers/blob/v5.25.0/src/transformers/modelcard.py (create_model_index).
+    """
+    from huggingface_hub import EvalResult, ModelCard
+    from transformers.modelcard import infer_metric_tags_from_eval_results, parse_log_history
+
+    task = tasks if isinstance(tasks, str) else (tasks or [None])[0]
+    name = dataset if isinstance(dataset, str) else (dataset or [None])[0]
+    tag = tags if isinstance(tags, str) else (tags or [name])[0]
+    if not task or not name:
+        return
+    card = ModelCard.load(path)
+    if card.data.eval_results:
+        return
+    _, _, eval_results = parse_log_history(log_history)
+    metrics = infer_metric_tags_from_eval_results(eval_results)
+    if not metrics:
+        return
+    card.data.eval_results = [
+        EvalResult(task_type=task, dataset_type=tag or name, dataset_name=name, metric_type=metric,
+                   metric_name=shown, metric_value=eval_results[shown])
+        for metric, shown in metrics.items()
+    ]
+    card.save(path)
+
+
+def _drop_dataset_metadata(path: str) -> None:
+    """Remove the card's ``datasets:`` metadata (links to Hub data sets), keeping its model-index."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(path)
+    if card.data.get("datasets") is not None:
+        card.data.datasets = None
+        card.save(path)
+
+
+class LABOTrainer(CPUDataLoaderMixin, RunGuardMixin, LABOModelCardMixin, LABOLossMixin, Trainer):
     """`transformers.Trainer` training with a label regularizer (LABO by default).
 
     Configure it with `LABOTrainingArguments` (``label_regularizer``, ``label_regularizer_alpha``,
@@ -74,7 +149,7 @@ class LABOTrainer(RunGuardMixin, LABOModelCardMixin, LABOLossMixin, Trainer):
     """
 
 
-class LABOSeq2SeqTrainer(RunGuardMixin, LABOModelCardMixin, LABOLossMixin, Seq2SeqTrainer):
+class LABOSeq2SeqTrainer(CPUDataLoaderMixin, RunGuardMixin, LABOModelCardMixin, LABOLossMixin, Seq2SeqTrainer):
     """`transformers.Seq2SeqTrainer` training with a label regularizer (LABO by default).
 
     As `LABOTrainer`, configured with `LABOSeq2SeqTrainingArguments`. With ``predict_with_generate=True``,

@@ -147,6 +147,15 @@ def test_model_card_names_labo(folder_run):
     assert "- labo\n" in card  # tag in the YAML header
     assert "image-classification" in card
     assert "This model was trained from scratch on the train dataset." in card
+    # The model-index holds the run's results (transformers drops them for a data set without Hub tags), and no
+    # `datasets:` metadata names a Hub data set that does not exist.
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(card).data
+    assert data.datasets is None
+    [result] = data.eval_results
+    assert (result.task_type, result.dataset_name, result.metric_type) == ("image-classification", "train", "accuracy")
+    assert result.metric_value == json.loads((output_dir / "eval_results.json").read_text())["eval_accuracy"]
 
 
 def test_fine_tune_from_local_checkpoint_folder(folder_run, image_data, tmp_path, monkeypatch):
@@ -286,6 +295,15 @@ def test_digits_default_few_steps(tmp_path, monkeypatch):
     assert state["global_step"] == 3
     processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert processor["size"] == {"height": 16, "width": 16}
+
+    # The same command again (the README's quick start, rerun): the finished run is recognized, although the
+    # default saves no intermediate checkpoint; nothing is trained, the model and its train results are kept.
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    again = run_main(monkeypatch, "--output_dir", str(tmp_path), "--max_steps", "3", "--disable_tqdm", "true")
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
+    assert again["train_loss"] == results["train_loss"] and again["eval_accuracy"] == results["eval_accuracy"]
+    assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 3
 
 
 def test_digits_split_is_fixed_and_stratified():
@@ -477,7 +495,7 @@ def test_two_processes_evaluate_each_example_once(image_data, tmp_path):
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
             "--output_dir", str(output_dir), "--use_cpu",
             "--train_dir", str(image_data["train"]), "--validation_dir", str(image_data["validation"]),
-            "--max_steps", "2", *TINY_VIT,
+            "--max_steps", "2", "--log_level_replica", "info", *TINY_VIT,
         ],
         capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=env,
     )
@@ -621,3 +639,24 @@ def test_skip_bad_images_drops_and_counts_them(image_data, tmp_path, monkeypatch
                            "--do_train", "--max_steps", "1", "--skip_bad_images", "true", *TINY_VIT)  # fmt: skip
     assert results["train_samples"] == 36
     assert "left out 3 of 39 images that cannot be decoded" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--labo_fused_linear"], "--labo_fused_linear applies to decoder-only causal LMs"),
+        (["--label_names", "target"], "--label_names target"),
+        (["--model_type", "vit", "--config_overrides", "hiden_size=8"], "--config_overrides='hiden_size=8'"),
+        (["--train_dir", "no-such-folder"], "--train_dir='no-such-folder'"),
+        (["--train_dir", "TRAIN", "--do_predict"], "--do_predict needs a test split"),
+        (["--train_dir", "TRAIN", "--do_train", "--train_val_split", "0.2"], "--train_val_split"),
+        (["--model_name_or_path", "./missing/checkpoint"], "no such local file or folder"),
+    ],
+)
+def test_refusals_come_before_any_work(arguments, message, tmp_path, monkeypatch, image_data):
+    """Refused flag combinations stop before any data or model work: --output_dir is not even created."""
+    arguments = [str(image_data["train"]) if a == "TRAIN" else a for a in arguments]
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        run_main(monkeypatch, "--output_dir", str(out), *arguments)
+    assert not out.exists()

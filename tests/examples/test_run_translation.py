@@ -288,7 +288,7 @@ def test_two_processes_torchrun_scores_each_example_once(tmp_path: Path) -> None
         "--do_train", "--do_predict", "--predict_with_generate", "--generation_max_length", 8,
         "--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 4, "--num_train_epochs", 1,
         "--output_dir", out, "--use_cpu", "--ddp_backend", "gloo", "--report_to", "none", "--disable_tqdm", "true",
-        "--save_strategy", "no", "--seed", 0,
+        "--save_strategy", "no", "--seed", 0, "--log_level_replica", "info",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     completed = subprocess.run(
@@ -333,6 +333,92 @@ def test_missing_parallel_file(toy_text: Path, tmp_path: Path, run_main) -> None
     (toy_text / "train.en").unlink()
     with pytest.raises(ValueError, match=r"--train_prefix.*train\.en.*train\.en\.gz"):
         run_main(marian_args(toy_text, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--labo_fused_linear"], "--labo_fused_linear applies to decoder-only causal LMs"),
+        (["--label_names", "target_ids"], "--label_names target_ids"),
+        (["--config_overrides", "d_modle=64"], "--config_overrides='d_modle=64'"),
+        (["--max_source_length", "512"], "--max_source_length=512 exceeds the model's 256 position embeddings"),
+        (["--do_eval"], "The validation split is needed .* --validation_file or --validation_prefix"),
+        (["--do_predict", "--predict_with_generate", "--test_prefix", "DATA/nope"], "--test_prefix=.*nope"),
+        (["--do_eval", "--validation_prefix", "DATA/val", "--metric_for_best_model", "bleu"],
+         "--metric_for_best_model bleu .* add --predict_with_generate"),
+    ],
+)
+def test_refusals_come_before_any_work(toy_text: Path, tmp_path: Path, run_main, extra: list, message: str) -> None:
+    """Issue 17: --labo_fused_linear was refused only after the tokenizer was trained, leaving files in
+    --output_dir. Every refusal now comes before data, tokenizer or model work: the folder is not created."""
+    out = tmp_path / "out"
+    base = ["--model_type", "marian", "--train_prefix", toy_text / "train", "--source_lang", "de",
+            "--target_lang", "en", "--do_train", "--output_dir", out, "--use_cpu"]  # fmt: skip
+    extra = [str(a).replace("DATA", str(toy_text)) for a in extra]
+    with pytest.raises(ValueError, match=message):
+        run_main(base + extra)
+    assert not out.exists()
+
+
+def test_unreachable_pretrained_model_is_refused_before_any_work(toy_text: Path, tmp_path: Path, run_main) -> None:
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", tmp_path / "no-such-model", "--train_prefix", toy_text / "train",
+            "--source_lang", "de", "--target_lang", "en", "--do_train", "--output_dir", out, "--use_cpu"]  # fmt: skip
+    with pytest.raises(ValueError, match="--model_name_or_path=.*no-such-model.*no such local file or folder"):
+        run_main(args)
+    assert not out.exists()
+
+
+# ---- the from-scratch recipe defaults ----
+
+
+def test_from_scratch_defaults_are_applied_only_to_unset_flags(toy_text: Path, tmp_path: Path) -> None:
+    from labo_hf.examples.seq2seq_from_scratch import SCRATCH_CONFIG_OVERRIDES
+
+    base = ["--model_type", "marian", "--train_prefix", str(toy_text / "train"), "--source_lang", "de",
+            "--target_lang", "en", "--do_train", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    model_args, data_args, args, applied = run_translation.parse_arguments(base)
+    assert args.learning_rate == 1e-3 and args.per_device_train_batch_size == 64 and args.num_train_epochs == 3
+    assert args.logging_steps == 25 and args.warmup_steps == 0.1 and args.train_sampling_strategy == "group_by_length"
+    assert model_args.config_overrides == SCRATCH_CONFIG_OVERRIDES["marian"]
+    assert model_args.train_tokenizer_vocab_size == 3000 and data_args.max_source_length == 128
+    assert applied["learning_rate"] == "1e-3" and "config_overrides" in applied
+    model_args, _, _, _ = run_translation.parse_arguments(["--model_type", "t5"] + base[2:])
+    assert model_args.config_overrides == SCRATCH_CONFIG_OVERRIDES["t5"]  # and valid T5 keys (checked at parse)
+
+    # An explicit flag wins, even when it equals transformers' default, and is not reported as a script default.
+    model_args, _, args, applied = run_translation.parse_arguments(
+        base + ["--learning_rate", "5e-5", "--config_overrides", "d_model=64", "--logging_steps", "500"]
+    )
+    assert args.learning_rate == 5e-5 and args.logging_steps == 500 and model_args.config_overrides == "d_model=64"
+    assert not {"learning_rate", "config_overrides", "logging_steps"} & set(applied)
+    assert args.per_device_train_batch_size == 64  # the other defaults still apply
+
+    # A pretrained model keeps transformers' defaults (fine-tuning); with --tokenizer_name no vocabulary default.
+    pretrained = tmp_path / "pretrained"
+    pretrained.mkdir()
+    _, _, args, applied = run_translation.parse_arguments(
+        ["--model_name_or_path", str(pretrained)] + base[2:]
+    )
+    assert applied == {} and args.learning_rate == 5e-5 and args.per_device_train_batch_size == 8
+    model_args, _, _, applied = run_translation.parse_arguments(base + ["--tokenizer_name", str(pretrained)])
+    assert "train_tokenizer_vocab_size" not in applied and model_args.train_tokenizer_vocab_size is None
+
+
+def test_from_scratch_defaults_are_logged_and_loss_is_logged_early(
+    toy_text: Path, tmp_path: Path, run_main, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plain from-scratch command logs the defaults it applied and a training loss within its first
+    25 steps (transformers' default: the first at step 500)."""
+    out = tmp_path / "out"
+    with caplog.at_level("INFO"):
+        run_main(["--model_type", "marian", "--train_prefix", toy_text / "train", "--source_lang", "de",
+                  "--target_lang", "en", "--do_train", "--output_dir", out, "--use_cpu", "--max_steps", 25,
+                  "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"])  # fmt: skip
+    assert "Script defaults applied" in caplog.text and "'learning_rate': '1e-3'" in caplog.text
+    losses = [entry for entry in read_json(out / "trainer_state.json")["log_history"] if "loss" in entry]
+    assert losses and losses[0]["step"] <= 25 and math.isfinite(losses[0]["loss"])
 
 
 def test_missing_data_file(tmp_path: Path, run_main) -> None:
@@ -523,3 +609,11 @@ def test_blank_pairs_are_dropped_with_a_warning(tmp_path: Path, run_main, caplog
         run_main(marian_args(data, tmp_path / "out", steps=1))
     assert read_json(tmp_path / "out" / "all_results.json")["train_samples"] == 38
     assert "2 of 40 pairs have an empty or whitespace-only de or en side; dropped" in caplog.text
+
+
+def test_from_scratch_defaults_are_documented() -> None:
+    from labo_hf.examples.seq2seq_from_scratch import SCRATCH_TOKENIZER_VOCAB_SIZE, SCRATCH_TRAINING_DEFAULTS
+
+    doc = " ".join(run_translation.__doc__.split())  # --help shows the docstring
+    for key, value in {**SCRATCH_TRAINING_DEFAULTS, "train_tokenizer_vocab_size": SCRATCH_TOKENIZER_VOCAB_SIZE}.items():
+        assert f"--{key} {value}" in doc, key

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TASKS, collate, loss_kwargs
+from conftest import PAD, TASKS, VOCAB, collate, loss_kwargs
 
 from labo_hf import apply_labo, label_regularized_loss, remove_labo
 
@@ -117,3 +117,151 @@ def test_gpt2_counts_shifted_labels_while_patched(tmp_path):
     assert int(trainer._get_num_items_in_batch([batch], torch.device("cpu"))) == int((batch["labels"][:, 1:] != -100).sum())
     handle.remove()
     assert model.loss_type is None
+
+
+# ---- every head family transformers gives a loss function ----
+# One tiny model per family, built from a config; both ways the model can compute its loss are covered
+# (through ``self.loss_function``: Llama/ViT/BERT masked LM/GPT-NeoX token classification/Llama sequence
+# classification; calling CrossEntropyLoss itself: BERT classification heads, Wav2Vec2 audio classification).
+
+_BERT = {"vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+         "intermediate_size": 32, "max_position_embeddings": 32, "hidden_dropout_prob": 0.0,
+         "attention_probs_dropout_prob": 0.0, "pad_token_id": PAD}
+
+
+def _bert(head, **config):
+    import transformers
+
+    torch.manual_seed(0)
+    return getattr(transformers, f"Bert{head}")(transformers.BertConfig(**_BERT, **config))
+
+
+def _llama_classifier():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=PAD, num_labels=3))
+
+
+def _neox_tokens():
+    from transformers import GPTNeoXConfig, GPTNeoXForTokenClassification
+
+    torch.manual_seed(0)
+    return GPTNeoXForTokenClassification(GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=32, num_labels=5, classifier_dropout=0.0, hidden_dropout=0.0,
+        attention_dropout=0.0))
+
+
+def _wav2vec2_audio(**config):
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+    torch.manual_seed(0)
+    return Wav2Vec2ForSequenceClassification(Wav2Vec2Config(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8, 8), conv_stride=(4, 4), conv_kernel=(8, 4), num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, classifier_proj_size=8, hidden_dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0,
+        layerdrop=0.0, mask_time_prob=0.0, **{"num_labels": 3, **config}))
+
+
+def _tokens(n_labels, per_position):
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(2, VOCAB, (3, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    labels = torch.randint(0, n_labels, ids.shape if per_position else (3,), generator=generator)
+    if per_position:
+        labels[0, 5:] = -100
+        labels[1, 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _pixels():
+    return collate(TASKS["vit"].make_examples(4, seed=3))
+
+
+def _audio():
+    generator = torch.Generator().manual_seed(5)
+    return {"input_values": torch.randn(3, 160, generator=generator), "labels": torch.tensor([0, 2, 1])}
+
+
+# family -> (model factory, batch factory, whether labels are shifted (causal LM)). The "-pooled" and
+# "-loss-function" ones are transformers' generic heads, which call their loss without num_items_in_batch: the
+# patched model still reduces by it.
+FAMILIES = {
+    "causal-lm": (TASKS["llama"].make_model, lambda: _batch(TASKS["llama"]), True),
+    "causal-lm-no-loss-type": (TASKS["gpt2"].make_model, lambda: _batch(TASKS["gpt2"]), True),
+    "masked-lm": (lambda: _bert("ForMaskedLM"), lambda: _tokens(VOCAB, True), False),
+    "text-classification": (lambda: _bert("ForSequenceClassification", num_labels=3),
+                            lambda: _tokens(3, False), False),
+    "text-classification-pooled": (_llama_classifier, lambda: _tokens(3, False), False),
+    "image-classification": (TASKS["vit"].make_model, _pixels, False),
+    "audio-classification": (_wav2vec2_audio, _audio, False),
+    "token-classification": (lambda: _bert("ForTokenClassification", num_labels=5),
+                             lambda: _tokens(5, True), False),
+    "token-classification-loss-function": (_neox_tokens, lambda: _tokens(5, True), False),
+    "seq2seq": (TASKS["marian"].make_model, lambda: _batch(TASKS["marian"]), False),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_head_family_gets_the_labo_loss(family):
+    from labo_hf import LABOLoss
+
+    make_model, make_batch, shifted = FAMILIES[family]
+    model, batch = make_model().eval(), make_batch()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["labels"] = batch["labels"]  # the decoder inputs come from the labels
+    with torch.no_grad():
+        builtin = model(**batch).loss
+        logits = model(**inputs).logits
+    labels = batch["labels"]
+    if shifted:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    criterion = LABOLoss(**loss_kwargs("labo"))
+    count = torch.tensor(11)
+
+    apply_labo(model, **loss_kwargs("labo"))
+    with torch.no_grad():
+        got = model(**batch).loss
+        got_count = model(**batch, num_items_in_batch=count).loss
+    torch.testing.assert_close(got, criterion(logits, labels), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_count, criterion(logits, labels, num_items_in_batch=count), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got, builtin)
+
+    remove_labo(model)
+    assert "forward" not in model.__dict__ and "_loss_function" not in model.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).loss, builtin, rtol=0, atol=0)
+
+
+
+
+@pytest.mark.parametrize(("make_model", "match"), [
+    (lambda: _bert("ForQuestionAnswering"), "BertForQuestionAnswering: question answering"),
+    (lambda: _bert("ForSequenceClassification", num_labels=1), "regression"),
+    (lambda: _bert("ForSequenceClassification", num_labels=3, problem_type="regression"), "regression"),
+    (lambda: _bert("ForSequenceClassification", num_labels=3, problem_type="multi_label_classification"),
+     "multi-label"),
+    (lambda: _wav2vec2_audio(num_labels=1), "Wav2Vec2ForSequenceClassification as a regression head"),
+])
+def test_heads_labo_cannot_serve_are_refused_by_name(make_model, match):
+    model = make_model()
+    with pytest.raises(ValueError, match=match):
+        apply_labo(model)
+    assert getattr(model, "_labo_handle", None) is None
+
+
+def test_ctc_is_refused_by_its_loss_name():
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    model = Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
+                                          num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+                                          conv_stride=(4, 4), conv_kernel=(8, 4), num_conv_pos_embeddings=4,
+                                          num_conv_pos_embedding_groups=2))
+    with pytest.raises(ValueError, match="Wav2Vec2ForCTC: its loss is transformers' ForCTCLoss"):
+        apply_labo(model)

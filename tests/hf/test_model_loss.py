@@ -132,3 +132,16 @@ def test_labo_trainer_refuses_fused_linear_for_encoder_decoder(tmp_path):
         LABOSeq2SeqTrainer(model=TASKS["marian"].make_model(), args=args, data_collator=collate)
     plain = LABOSeq2SeqTrainingArguments(**common_args(str(tmp_path)))
     assert not plain.labo_fused_linear
+
+
+@pytest.mark.parametrize(("task_name", "accumulation"), [("gpt2", 1), ("gpt2", 2), ("llama", 2)])
+def test_loss_func_warns_once_when_the_count_includes_unshifted_labels(task_name, accumulation, tmp_path, caplog):
+    """GPT-2 has no loss_type, so a plain Trainer counts labels[..., 0] too and the shifted loss comes out too
+    small: said once, with the fix. Llama (loss_type "ForCausalLM") is counted right: nothing said."""
+    with caplog.at_level("WARNING", logger="labo_hf.hf.model_loss"):
+        train("loss_func", task_name, str(tmp_path / "run"), 8 // accumulation, accumulation, 2)
+    said = [r.getMessage() for r in caplog.records if "num_items_in_batch" in r.getMessage()]
+    if task_name == "gpt2":
+        assert len(said) == 1 and 'model.loss_type = "ForCausalLM"' in said[0]
+    else:
+        assert said == []

@@ -247,3 +247,21 @@ def test_lora_fused_linear_matches_full_logits():
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_sft_config_without_bf16_runs_in_float32(tmp_path, caplog):
+    """trl defaults to bf16; on a machine without it (this CPU, use_cpu unset) the default becomes float32, said in
+    one log line, instead of transformers' "Your setup doesn't support bf16/gpu"."""
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    from labo_hf import LABOSFTConfig
+
+    if is_torch_bf16_gpu_available():
+        pytest.skip("this machine has bf16")
+    with caplog.at_level("WARNING", logger="labo_hf.hf.sft_trainer"):
+        config = LABOSFTConfig(output_dir=str(tmp_path), report_to="none")
+    assert config.bf16 is False
+    assert [r.getMessage() for r in caplog.records if "float32" in r.getMessage()] != []
+    with pytest.raises(ValueError, match="bf16"):
+        LABOSFTConfig(output_dir=str(tmp_path), report_to="none", bf16=True)  # asked for: transformers refuses
+    assert LABOSFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True).bf16 is True

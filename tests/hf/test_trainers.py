@@ -442,3 +442,44 @@ def test_model_card_names_the_regularizer_and_its_hyperparameters(tmp_path):
     # push_to_hub regenerates the card through create_model_card: the section is written once.
     trainer.create_model_card(dataset="toy")
     assert (tmp_path / "README.md").read_text(encoding="utf-8").count("## Label regularization (LABO)") == 1
+
+
+def test_cpu_training_warns_nothing_about_pin_memory(tmp_path):
+    """transformers pins data-loader memory by default; without an accelerator torch then warns at every data
+    loader, which the user cannot act on."""
+    import warnings
+
+    from labo_hf import LABOTrainer, LABOTrainingArguments
+
+    task = TASKS["llama"]
+    args = LABOTrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", disable_tqdm=True)
+    trainer = LABOTrainer(model=task.make_model(), args=args, train_dataset=task.make_examples(8),
+                          eval_dataset=task.make_examples(4), data_collator=collate)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+        trainer.evaluate()
+    assert not [w for w in caught if "pin_memory" in str(w.message)]
+    assert args.dataloader_pin_memory is False
+
+
+def test_model_card_model_index_holds_the_results_of_a_translation_run(tmp_path, caplog):
+    """transformers 5 drops model-index results for tasks it does not list (translation) and for data sets
+    without Hub tags (local data), leaving ``results: []``; the card gets the run's metrics instead."""
+    from huggingface_hub import ModelCard
+
+    task = TASKS["marian"]
+    args = LABOSeq2SeqTrainingArguments(**common_args(str(tmp_path), max_steps=1))
+    trainer = LABOSeq2SeqTrainer(model=task.make_model(), args=args, train_dataset=task.make_examples(8),
+                                 eval_dataset=task.make_examples(4), data_collator=collate,
+                                 compute_metrics=lambda prediction: {"bleu": 12.5})
+    trainer.train()
+    trainer.evaluate()
+    with caplog.at_level("INFO"):
+        trainer.create_model_card(tasks="translation", dataset="local de-en data (train)")
+    assert not [r for r in caplog.records if "Dropping the following result" in r.getMessage()]
+    data = ModelCard.load(tmp_path / "README.md").data
+    [result] = data.eval_results
+    assert (result.task_type, result.dataset_name, result.metric_type, result.metric_value) == (
+        "translation", "local de-en data (train)", "bleu", 12.5)
+    assert data.datasets is None
