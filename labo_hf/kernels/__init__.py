@@ -27,7 +27,7 @@ from typing import NamedTuple
 from torch import Tensor
 
 __all__ = [
-    "LN2", "LOG2E", "MODES", "MODE_CROSS_ENTROPY", "MODE_LABEL_SMOOTHING", "MODE_LABO", "FusedRows", "RowStats",
+    "LN2", "LOG2E", "MODES", "MODE_CROSS_ENTROPY", "MODE_LABEL_SMOOTHING", "MODE_LABO", "RowStats",
 ]
 
 # Integer codes of the regularizers, shared by every implementation. Plain ints: the Triton kernels take them as
@@ -62,16 +62,3 @@ class RowStats(NamedTuple):
     """labo: log sum_{k != y} exp((z_k - nt_max) / T), so that u*_k = exp((z_k - nt_max) / T - log_sum_t).
     0 otherwise."""
 
-
-class FusedRows(NamedTuple):
-    """Forward and backward of one implementation in one call (tests, benchmarks, older callers)."""
-
-    loss: Tensor
-    """(N,) float32: H(q, p) per row; 0 for ignored rows."""
-    nll: Tensor
-    """(N,) float32: -log p_y per row; 0 for ignored rows."""
-    smoothing_entropy: Tensor
-    """(N,) float32: H(u) per row; 0 for ignored rows."""
-    grad: Tensor | None
-    """(N, K) in the logits' dtype: grad_scale * (p - q), zero rows for ignored rows; None when no
-    gradient was asked for."""

@@ -17,9 +17,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from labo_hf.kernels import MODE_LABEL_SMOOTHING, MODE_LABO, MODES, FusedRows, RowStats
+from labo_hf.kernels import MODE_LABEL_SMOOTHING, MODE_LABO, MODES, RowStats
 
-__all__ = ["CHUNK_ELEMENTS", "backward_rows", "compute_dtype", "forward_rows", "fused_rows"]
+__all__ = ["CHUNK_ELEMENTS", "backward_rows", "compute_dtype", "forward_rows"]
 
 # Elements per work buffer (4 MiB in float32; two per worker): small enough that the dozen passes
 # over a chunk mostly hit the cache.
@@ -303,14 +303,3 @@ def backward_rows(
     row_pass.run(chunk, buffers)
     return grad
 
-
-def fused_rows(logits: Tensor, labels: Tensor, *, grad_scale: float | Tensor, want_grad: bool = True,
-               **config) -> FusedRows:
-    """``forward_rows(logits, labels, **config)`` then, if ``want_grad``, ``backward_rows`` with ``grad_scale``
-    for every row (``config``: ``forward_rows``'s keywords)."""
-    stats = forward_rows(logits, labels, **config)
-    grad = None
-    if want_grad:
-        scale = torch.as_tensor(grad_scale, dtype=stats.loss.dtype, device=logits.device).reshape(())
-        grad = backward_rows(scale.expand(logits.shape[0]), logits, labels, stats, **config)
-    return FusedRows(stats.loss, stats.nll, stats.smoothing_entropy, grad)

@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from labo_hf import kernels
-from labo_hf.kernels import FusedRows, RowStats
+from labo_hf.kernels import RowStats
 from labo_hf.kernels.triton_launch import (
     block_and_warps,
     check_args,
@@ -47,7 +47,7 @@ from labo_hf.kernels.triton_launch import (
     vector_width,
 )
 
-__all__ = ["INTERPRETED", "backward_rows", "forward_rows", "launch_config", "supports", "triton_fused_rows"]
+__all__ = ["INTERPRETED", "backward_rows", "forward_rows", "launch_config", "supports"]
 
 # The shared constants of labo_hf.kernels as compile-time globals: a @triton.jit body reads no other kind.
 MODE_CROSS_ENTROPY = tl.constexpr(kernels.MODE_CROSS_ENTROPY)
@@ -359,19 +359,3 @@ def backward_rows(grad_rows: Tensor, logits: Tensor, labels: Tensor, stats: RowS
     launch(_backward_kernel, (n_rows,), args, meta, logits.device, num_warps or warps, interpreted=INTERPRETED)
     return grad
 
-
-def triton_fused_rows(logits: Tensor, labels: Tensor, *, grad_scale: float | Tensor, want_grad: bool = True,
-                      **config) -> FusedRows:
-    """``forward_rows(logits, labels, **config)`` then, if ``want_grad``, ``backward_rows`` with ``grad_scale``
-    for every row (``config``: ``forward_rows``'s keywords).
-
-    ``grad_scale`` is a Python float or a one-element tensor (read on the device, no host sync).
-    """
-    stats = forward_rows(logits, labels, **config)
-    grad = None
-    if want_grad:
-        if isinstance(grad_scale, Tensor) and (grad_scale.numel() != 1 or not grad_scale.dtype.is_floating_point):
-            raise ValueError("grad_scale tensor must be a single floating-point value")
-        scale = torch.as_tensor(grad_scale, dtype=torch.float32, device=logits.device).reshape(())
-        grad = backward_rows(scale.expand(logits.shape[0]), logits, labels, stats, **config)
-    return FusedRows(stats.loss, stats.nll, stats.smoothing_entropy, grad)

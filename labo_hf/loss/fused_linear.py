@@ -16,17 +16,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from labo_hf.loss.config import resolve_hyperparameters
+from labo_hf.loss.config import chunk_elements, resolve_hyperparameters
 from labo_hf.loss.functional import label_regularized_loss_with_stats
 from labo_hf.loss.reduction import reduction_scale as _reduction_scale
 from labo_hf.loss.validation import LossStats
 from labo_hf.loss.validation import default_validate as _default_validate
 
 __all__ = ["fused_linear_label_regularized_loss", "fused_linear_label_regularized_loss_with_stats"]
-
-# Logit elements per chunk (64 MiB in float32). The loss allocates a few buffers of this size for its own
-# work, so a chunk's peak is a few hundred MiB whatever N is; fewer, larger chunks keep the matmuls efficient.
-_CHUNK_ELEMENTS = 1 << 24
 
 
 def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None) -> None:
@@ -91,7 +87,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                     # Low precision: the chunk's product goes to the float32 sum in blocks of rows of V, so the
                     # temporary is one block of about a chunk's logits in size, not a second (V, H) matrix.
                     grad_t = grad_logits.T
-                    block = max(1, _CHUNK_ELEMENTS // h.shape[1])
+                    block = max(1, chunk_elements("fused_linear") // h.shape[1])
                     for v in range(0, grad_t.shape[0], block):
                         grad_weight[v:v + block].add_(grad_t[v:v + block] @ h)
                     del grad_t
@@ -141,7 +137,7 @@ def fused_linear_label_regularized_loss_with_stats(
     _check_inputs(hidden, weight, labels, bias)
     resolve_hyperparameters(regularizer, alpha, temperature)  # fail before any work
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+        chunk_size = max(1, chunk_elements("fused_linear") // weight.shape[0])
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size!r}")
     labels = labels.to(hidden.device).long()

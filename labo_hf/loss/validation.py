@@ -125,7 +125,7 @@ def refuse_function_transforms(logits: Tensor) -> None:
         raise ValueError(
             "label_regularized_loss does not support torch.func transforms (grad, vmap, jacrev, ...) of "
             "logits: its fused kernels have no batching rule. Call it on the batch directly (it already "
-            "reduces over rows), or use labo_hf.reference.reference_label_regularized_loss."
+            "reduces over rows), or use labo_hf.loss.reference.reference_label_regularized_loss."
         )
 
 

@@ -37,7 +37,7 @@ def test_fused_linear_trains_like_full_logits(task_name, tmp_path):
     for kind in kinds:
         trainer = train(kind, task_name, str(tmp_path / kind), 4, 2, 2)
         _assert_same(flat_parameters(trainer.model), reference)
-        loss_fn = trainer.compute_loss_func or trainer._labo_loss_fn
+        loss_fn = trainer.compute_loss_func or trainer.labo_loss_function
         assert loss_fn.last_fused == kind.endswith("_fused")
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
         assert len(logs) == 2

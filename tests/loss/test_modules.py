@@ -155,21 +155,21 @@ def test_fused_linear_bf16_matches_unfused_bf16_path():
         torch.testing.assert_close(got.grad.float(), ref.grad.float(), rtol=2e-2, atol=2e-3)
 
 
-def test_fused_linear_small_default_chunks_and_weight_blocks(monkeypatch):
+def test_fused_linear_small_default_chunks_and_weight_blocks():
     """With a tiny element budget the default chunk_size and the low-precision weight-gradient blocks split the
     work many times over; the results equal the one-chunk computation."""
-    import labo_hf.loss.fused_linear as fused_module
+    from labo_hf.loss.config import chunk_elements, override_chunk_elements
 
     hidden, weight, bias, labels = _hidden_problem(n=40, h=16, v=64)
     for dtype in (torch.float32, torch.bfloat16):
         leaves = [t.to(dtype).requires_grad_() for t in (hidden, weight, bias)]
         whole = [t.detach().clone().requires_grad_() for t in leaves]
         (3.0 * fused_linear_label_regularized_loss(*whole[:2], labels, whole[2], chunk_size=40)).backward()
-        monkeypatch.setattr(fused_module, "_CHUNK_ELEMENTS", 5 * 64)  # 5 rows per chunk, 20 rows of V per block
-        loss = fused_linear_label_regularized_loss(*leaves[:2], labels, leaves[2])
-        monkeypatch.undo()
+        with override_chunk_elements(fused_linear=5 * 64):  # 5 rows per chunk, 20 rows of V per block
+            assert chunk_elements("fused_linear") == 5 * 64
+            loss = fused_linear_label_regularized_loss(*leaves[:2], labels, leaves[2])
         (3.0 * loss).backward()
-        assert fused_module._CHUNK_ELEMENTS == 1 << 24
+        assert chunk_elements("fused_linear") == 1 << 24
         tol = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
         for got, ref in zip(leaves, whole, strict=True):
             assert got.grad.dtype == dtype
