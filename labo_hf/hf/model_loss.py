@@ -152,8 +152,7 @@ class LABOLossFunction:
     @classmethod
     def from_config(cls, config: LossConfig, **kwargs: Any) -> LABOLossFunction:
         """Build one from validated loss settings; `kwargs` as the constructor's keyword arguments."""
-        return cls(config.regularizer, config.loss_kwargs()["alpha"], config.temperature,
-                   ignore_index=config.ignore_index, **kwargs)
+        return cls(**config.loss_kwargs(), **kwargs)
 
     def __call__(self, outputs: Any, labels: Tensor, num_items_in_batch: Tensor | int | None = None) -> Tensor:
         """The loss of one micro-batch (see the module docstring for the reduction)."""
