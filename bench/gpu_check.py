@@ -271,7 +271,7 @@ def check_compile(device, records):
 def main(argv=None):
     args = parse_args(argv)
     from labo_hf.kernels import triton_rows
-    from labo_hf.loss import dispatch as losses
+    from labo_hf.loss import dispatch
 
     if args.dry_run:
         if not triton_rows.INTERPRETED:
@@ -293,7 +293,7 @@ def main(argv=None):
         print("N*K > 2**31:")
         ok &= check_big(args, device, records)
     print("self-check results:", {f"{d}/{r}/{str(t).removeprefix('torch.')}": v
-                                  for (d, r, t), v in losses._TRITON_SELF_CHECK.items()} or "(not needed on CPU)")
+                                  for (d, r, t), v in dispatch.triton_self_check_results().items()} or "(not needed on CPU)")
     print("torch.compile:")
     ok &= check_compile(device, records)
     print("time and peak memory (bf16 logits, forward+backward):")

@@ -24,7 +24,7 @@ def main(out_dir: str) -> None:
         trainer = train(kind, "llama", os.path.join(out_dir, kind), 2, 2, 2)
         if trainer.args.process_index == 0:
             torch.save(conftest.flat_parameters(trainer.model), os.path.join(out_dir, f"{kind}.pt"))
-            loss_fn = trainer.compute_loss_func or trainer._labo_loss_fn
+            loss_fn = trainer.compute_loss_func or trainer.labo_loss_function
             result[kind] = {"num_processes": trainer.accelerator.num_processes, "fused": loss_fn.last_fused}
     write_result(out_dir, result)
 

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
-__all__ = ["ExampleDataArguments", "ExampleModelArguments", "HelpFormatter", "argument", "parse_args"]
+__all__ = ["ExampleDataArguments", "ExampleModelArguments", "HelpFormatter", "argument", "order_help", "parse_args"]
 
 ARGUMENT_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 
@@ -124,6 +124,43 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help shows the script's docstring verbatim (its commands stay copy-pasteable) and every default."""
 
 
+# The usage line: the full one lists every flag (hundreds), pushing the script's own flags far down --help.
+USAGE = "%(prog)s [-h] [--flag value ...]  |  %(prog)s ARGUMENTS.json|ARGUMENTS.yaml"
+
+# The --help sections, in the order a user needs them.
+SCRIPT_FLAGS = "the script's flags (model and data)"
+LABO_FLAGS = "label regularization (LABO)"
+TRAINING_FLAGS = "training flags (transformers TrainingArguments)"
+
+
+def order_help(parser: argparse.ArgumentParser, dataclass_types: Sequence[type]) -> None:
+    """Make --help list the script's own flags first, then LABO's, then the hundreds of transformers' training
+    flags (HfArgumentParser lists them in field order, LABO's last, after the TrainingArguments ones).
+
+    Only the help changes: parsing reads ``parser._actions``, whose order stays."""
+    script, labo, training = set(), set(), set()
+    for dataclass_type in dataclass_types:
+        names = {f.name for f in dataclasses.fields(dataclass_type)}
+        if not issubclass(dataclass_type, TrainingArguments):
+            script |= names
+            continue
+        # The transformers class the script's arguments extend: what it adds on top is LABO's.
+        base = next(c for c in dataclass_type.__mro__ if c.__module__.startswith("transformers."))
+        inherited = {f.name for f in dataclasses.fields(base)}
+        labo |= names - inherited
+        training |= inherited
+    groups = [(parser.add_argument_group(title), dests) for title, dests in
+              ((SCRIPT_FLAGS, script | {"help"}), (LABO_FLAGS, labo), (TRAINING_FLAGS, training))]
+    for action in list(parser._optionals._group_actions):
+        for group, dests in groups:
+            if action.dest in dests:
+                parser._optionals._group_actions.remove(action)
+                group._group_actions.append(action)
+                break
+    if not parser._optionals._group_actions:
+        parser._action_groups.remove(parser._optionals)
+
+
 # The script's own defaults: given the flags the user set and their values, the flag -> value pairs to apply.
 ScriptDefaults = Callable[[set[str], dict[str, Any]], dict[str, str]]
 
@@ -143,7 +180,8 @@ def parse_args(
     the script defaults that were applied.
     """
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
-    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=HelpFormatter)
+    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=HelpFormatter, usage=USAGE)
+    order_help(parser, dataclass_types)
     if len(argv) == 1 and argv[0].endswith(ARGUMENT_FILE_SUFFIXES):
         file_arguments = _read_argument_file(argv[0])
         _check_argument_file_keys(argv[0], file_arguments, dataclass_types)

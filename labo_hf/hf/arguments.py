@@ -69,10 +69,11 @@ def _validate_label_regularization(
         # all K classes is exactly what LabelSmoother computes.
         who = f"{owner}, which computes its own loss" if owner else "the LABO trainers, which compute their own loss"
         raise ValueError(
-            f"--label_smoothing_factor={label_smoothing_factor} is not used by {who}. For conventional label "
-            "smoothing use LABOTrainingArguments / LABOSeq2SeqTrainingArguments (not plain TrainingArguments) with "
-            f"label_regularizer='label_smoothing', label_regularizer_alpha={label_smoothing_factor} (CLI: "
-            f"--label_regularizer label_smoothing --label_regularizer_alpha {label_smoothing_factor}) and leave "
+            f"label_smoothing_factor={label_smoothing_factor} (--label_smoothing_factor) is not used by {who}. For "
+            f"conventional label smoothing use label_regularizer='label_smoothing', label_regularizer_alpha="
+            f"{label_smoothing_factor} "
+            "(fields of LABOTrainingArguments / LABOSeq2SeqTrainingArguments, which plain TrainingArguments lack; "
+            f"CLI: --label_regularizer label_smoothing --label_regularizer_alpha {label_smoothing_factor}) and leave "
             "label_smoothing_factor at 0."
         )
     # (flag, its value, arguments to resolve): each step adds one argument to the previous, already valid, ones.

@@ -97,10 +97,10 @@ _RESHARDED_FIX = (
 class LinearHeadCapture:
     """Hooks that let a loss take a training forward's final hidden states instead of its logits.
 
-    ``take(logits)`` returns what the forward that produced `logits` left: ``(hidden, result)`` with the (B, T, H)
-    hidden states, and the result of the computation given to ``expect`` if it already ran inside the forward;
-    ``(None, None)`` when that forward was not a captured one (the loss then uses the logits). ``run`` calls a
-    computation as the lm_head's forward. ``remove()`` undoes the hooks.
+    ``take(logits)`` returns the (B, T, H) hidden states of the forward that produced `logits`, or None when
+    that forward was not a captured one (the loss then uses the logits); ``result()`` then returns what the
+    computation given to ``expect`` returned if it already ran inside that forward. ``run`` calls a computation as
+    the lm_head's forward. ``remove()`` undoes the hooks.
     """
 
     def __init__(self, model: nn.Module, *, hook_forward: bool = True) -> None:
@@ -108,6 +108,7 @@ class LinearHeadCapture:
         self._model = _unwrap(model)
         self._hidden: Tensor | None = None
         self._result: Any = None
+        self._taken_result: Any = None
         self._pending: Callable[[Tensor], Any] | None = None
         self._compute: Callable[[Tensor], Any] | None = None
         self._expected_logits: Tensor | None = None
@@ -142,13 +143,20 @@ class LinearHeadCapture:
             if compute is not None:
                 self._result = compute(self._hidden)
 
-    def take(self, logits: Tensor) -> tuple[Tensor | None, Any]:
-        """``(hidden, result)`` of the forward whose logits are `logits`, once; ``(None, None)`` if not captured."""
-        hidden, result = self._hidden, self._result
-        self._hidden, self._result = None, None
+    def take(self, logits: Tensor) -> Tensor | None:
+        """The captured hidden states for a forward whose logits are `logits`, once; None if not captured."""
+        hidden, self._hidden = self._hidden, None
+        self._taken_result, self._result = self._result, None
         if hidden is None or logits.shape[-2] != 1 or hidden.shape[:-2] != logits.shape[:-2]:
-            return None, None
-        return hidden, result
+            self._taken_result = None
+            return None
+        return hidden
+
+    def result(self) -> Any:
+        """What the computation given to ``expect`` returned inside the forward last taken, once; None if it did
+        not run there."""
+        result, self._taken_result = self._taken_result, None
+        return result
 
     def check(self, logits: Tensor) -> None:
         """On the first call after `run`: refuse a model whose (last-position) `logits` are not the lm_head's
@@ -201,4 +209,4 @@ class LinearHeadCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._hidden, self._result, self._pending, self._compute = None, None, None, None
+        self._hidden, self._result, self._taken_result, self._pending, self._compute = None, None, None, None, None

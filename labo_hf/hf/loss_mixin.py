@@ -104,6 +104,11 @@ class LABOLossMixin:
         """The regularizer, alpha and temperature this trainer uses, defaults filled in."""
         return self._label_regularization
 
+    @property
+    def labo_loss_function(self) -> LABOLossFunction:
+        """The `LABOLossFunction` computing this trainer's loss (the one `labo_loss_func` gives plain Trainers):
+        its ``config``, ``last_stats`` and ``last_fused`` describe the latest call."""
+        return self._labo_loss_fn
 
     # ---- loss ----
 
@@ -164,7 +169,7 @@ class LABOLossMixin:
                 # once, as with one process.
                 outputs, labels, shift_labels = logits[:real_rows], None, targets[:real_rows]
         loss, stats = self._labo_loss_fn.loss_with_stats(outputs, labels, normalizer, shift_labels=shift_labels)
-        self._labo_record(stats, split)
+        self.record_loss_stats(stats, split)
         return loss
 
     def _labo_real_eval_rows(self, batch_rows: int) -> int:
@@ -213,8 +218,12 @@ class LABOLossMixin:
 
     # ---- statistics ----
 
-    def _labo_record(self, stats: LossStats, split: str) -> None:
-        """Add one call's sums to the running sums of `split` (on device, no synchronization)."""
+    def record_loss_stats(self, stats: LossStats, split: str = "train") -> None:
+        """Add one loss call's `LossStats` to the running sums of `split` ("train": logged and reset at the next
+        training log; "eval": reported by the running evaluation), on device, without synchronizing. The
+        trainer's own loss records itself; an overridden ``compute_loss`` adding another call's sums uses this."""
+        if split not in self._labo_stats:
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         values = torch.stack(
             [stats.nll_sum, stats.target_prob_sum, stats.smoothing_entropy_sum, stats.num_kept]
         ).detach()

@@ -193,8 +193,7 @@ class LABOLossFunction:
     @classmethod
     def from_config(cls, config: LossConfig, **kwargs: Any) -> LABOLossFunction:
         """Build one from validated loss settings; `kwargs` as the constructor's keyword arguments."""
-        return cls(config.regularizer, config.loss_kwargs()["alpha"], config.temperature,
-                   ignore_index=config.ignore_index, **kwargs)
+        return cls(**config.loss_kwargs(), **kwargs)
 
     def __call__(self, outputs: Any, labels: Tensor, num_items_in_batch: Tensor | int | None = None) -> Tensor:
         """The loss of one micro-batch (see the module docstring for the reduction)."""
@@ -228,8 +227,9 @@ class LABOLossFunction:
         targets = self.targets(outputs, labels, shift_labels).to(logits.device)
         if shift_labels is None and num_items_in_batch is not None and self._count_watch is not None:
             self._check_shifted_count(labels, targets, num_items_in_batch)
-        hidden, result = self.head.take(logits) if self.head is not None else (None, None)
+        hidden = self.head.take(logits) if self.head is not None else None
         if hidden is not None:
+            result = self.head.result()
             if result is None:  # not computed inside the forward: the lm_head is called again now
                 result = self._fused(hidden, targets, num_items_in_batch)
             elif not _same_call(self._expected, (labels, num_items_in_batch, shift_labels)):
@@ -308,6 +308,31 @@ class LABOLossFunction:
             self.head = None
 
 
-# The documented way to build one (README, ``Trainer(compute_loss_func=labo_loss_func(...))``): the class itself, so
-# that its arguments are handled in one place.
-labo_loss_func = LABOLossFunction
+def labo_loss_func(
+    regularizer: str = "labo",
+    alpha: float | None = None,
+    temperature: float | None = None,
+    *,
+    shift_labels: bool | None = None,
+    fused_linear: bool = False,
+    model: nn.Module | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    hook_forward: bool = True,
+) -> LABOLossFunction:
+    """The label-regularized loss for ``Trainer(compute_loss_func=labo_loss_func(...))``.
+
+    For a plain `transformers.Trainer`, `Seq2SeqTrainer` or trl's `SFTTrainer`: the returned `LABOLossFunction`,
+    called as ``(outputs, labels, num_items_in_batch=None)``, aligns the labels with the logits (shifted for causal
+    LMs) and divides the micro-batch's sum over kept positions by ``num_items_in_batch``, so training is exact under
+    gradient accumulation and DDP. The arguments are `LABOLossFunction`'s (LABO with alpha 0.1 and T 2 by default).
+
+    Example::
+
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator,
+                          compute_loss_func=labo_loss_func(regularizer="labo", alpha=0.1, temperature=2.0))
+    """
+    return LABOLossFunction(
+        regularizer, alpha, temperature, shift_labels=shift_labels, fused_linear=fused_linear, model=model,
+        ignore_index=ignore_index, chunk_size=chunk_size, hook_forward=hook_forward,
+    )

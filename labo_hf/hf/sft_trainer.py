@@ -111,12 +111,12 @@ class LABOSFTTrainer(CPUDataLoaderMixin, RunGuardMixin, LABOModelCardMixin, LABO
     def _labo_record_trl_metrics(self, outputs: Any, inputs: dict[str, Any]) -> None:
         """trl's ``entropy`` and ``mean_token_accuracy`` (over the positions the loss keeps) and ``num_tokens``."""
         mode = "train" if self.model.training else "eval"
-        if not self._labo_loss_fn.last_fused:
+        if not self.labo_loss_function.last_fused:
             # The fused linear loss leaves no logits to measure; these two metrics are then not logged.
             logits = model_logits(outputs)
-            targets = self._labo_loss_fn.targets(outputs, inputs["labels"], inputs.get("shift_labels"))
+            targets = self.labo_loss_function.targets(outputs, inputs["labels"], inputs.get("shift_labels"))
             logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device)
-            kept = targets != self._labo_loss_fn.config.ignore_index
+            kept = targets != self.labo_loss_function.config.ignore_index
             entropy_sum = logits.new_zeros((), dtype=torch.float32)
             num_correct = torch.zeros((), dtype=torch.long, device=logits.device)
             for rows in torch.arange(logits.shape[0], device=logits.device).split(_METRIC_ROWS):

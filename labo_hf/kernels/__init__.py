@@ -26,10 +26,20 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-__all__ = ["MODES", "FusedRows", "RowStats"]
+__all__ = [
+    "LN2", "LOG2E", "MODES", "MODE_CROSS_ENTROPY", "MODE_LABEL_SMOOTHING", "MODE_LABO", "RowStats",
+]
 
-# Integer codes of the regularizers, shared by every implementation (Triton needs constexpr ints).
-MODES = {"cross_entropy": 0, "label_smoothing": 1, "labo": 2}
+# Integer codes of the regularizers, shared by every implementation. Plain ints: the Triton kernels take them as
+# ``tl.constexpr`` arguments (the branches are compiled away) and wrap them as ``tl.constexpr`` globals.
+MODE_CROSS_ENTROPY = 0
+MODE_LABEL_SMOOTHING = 1
+MODE_LABO = 2
+MODES = {"cross_entropy": MODE_CROSS_ENTROPY, "label_smoothing": MODE_LABEL_SMOOTHING, "labo": MODE_LABO}
+
+# exp(x) = exp2(x * LOG2E) and ln(x) = log2(x) * LN2: the Triton kernels compute in base 2.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 class RowStats(NamedTuple):
@@ -52,16 +62,3 @@ class RowStats(NamedTuple):
     """labo: log sum_{k != y} exp((z_k - nt_max) / T), so that u*_k = exp((z_k - nt_max) / T - log_sum_t).
     0 otherwise."""
 
-
-class FusedRows(NamedTuple):
-    """Forward and backward of one implementation in one call (tests, benchmarks, older callers)."""
-
-    loss: Tensor
-    """(N,) float32: H(q, p) per row; 0 for ignored rows."""
-    nll: Tensor
-    """(N,) float32: -log p_y per row; 0 for ignored rows."""
-    smoothing_entropy: Tensor
-    """(N,) float32: H(u) per row; 0 for ignored rows."""
-    grad: Tensor | None
-    """(N, K) in the logits' dtype: grad_scale * (p - q), zero rows for ignored rows; None when no
-    gradient was asked for."""

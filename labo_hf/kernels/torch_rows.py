@@ -17,9 +17,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from labo_hf.kernels import MODES, FusedRows, RowStats
+from labo_hf.kernels import MODE_LABEL_SMOOTHING, MODE_LABO, MODES, RowStats
 
-__all__ = ["CHUNK_ELEMENTS", "backward_rows", "compute_dtype", "forward_rows", "fused_rows"]
+__all__ = ["CHUNK_ELEMENTS", "backward_rows", "compute_dtype", "forward_rows"]
 
 # Elements per work buffer (4 MiB in float32; two per worker): small enough that the dozen passes
 # over a chunk mostly hit the cache.
@@ -127,6 +127,43 @@ def _mask_ignored_rows(g: Tensor, keep_col: Tensor) -> None:
         g.masked_fill_(~keep_col, 0.0)
 
 
+def _labo_chunk_terms(x: Tensor, y: Tensor, d: Tensor, buf_e: Tensor, m: Tensor, log_s: Tensor, row_nll: Tensor,
+                      *, alpha: float, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """LABO's loss, H(u*), nt_max and log_sum_t for one chunk (each (c, 1)).
+
+    x: the chunk's logits (c, K); y: safe labels (c, 1); d = x - m in a work buffer (overwritten); buf_e: the other
+    work buffer (c, K); m, log_s, row_nll: the chunk's row max, log-sum-exp shifted by m, and NLL.
+    """
+    lowest = torch.finfo(d.dtype).min
+    # Shift by the non-target max, not the row max: when the label's logit dominates,
+    # exp((z_k - max z) / T) would underflow for every other class, and z_k - max z would
+    # absorb the non-target logits' differences (5 - 1e38 == 0 - 1e38 in float32). The
+    # masked max of d only locates it; its value is read back from the logits, exactly.
+    d.scatter_(1, y, -math.inf)
+    located = d.max(dim=-1, keepdim=True)
+    # All non-target logits -inf: the max may then point at the masked label itself.
+    nt_max = torch.where(located.values > -math.inf, x.gather(1, located.indices).to(d.dtype), -math.inf)
+    # No finite non-target logit: nowhere to put the smoothing mass, q = e_y.
+    has_mass = nt_max > -math.inf
+    # d is free now: t = (z - nt_max) / T in place, the label and -inf classes clamped to the
+    # lowest float so that exp gives 0 and 0 * t stays 0 (NaN logits still propagate).
+    t = torch.sub(x, torch.where(has_mass, nt_max, 0.0), out=d)
+    if temperature != 1.0:
+        t.mul_(1.0 / temperature)
+    t.scatter_(1, y, -math.inf).clamp_(min=lowest)
+    e_t = torch.exp(t, out=buf_e)
+    st = e_t.sum(dim=-1, keepdim=True)
+    st_safe = torch.where(has_mass, st, 1.0)
+    mean_t = e_t.mul_(t).sum(dim=-1, keepdim=True) / st_safe  # <u*, (z - nt_max) / T> <= 0
+    # H(u*, p) = lse - <u*, z> = log_s - T <u*, (z - nt_max) / T> - (nt_max - m).
+    cross = log_s - temperature * mean_t - (nt_max - m)
+    row_loss = torch.where(has_mass, (1 - alpha) * row_nll + alpha * cross, row_nll)
+    # log u*_k = (z_k - nt_max) / T - log st, so H(u*) = log st - <u*, (z - nt_max) / T>.
+    row_entropy = torch.where(has_mass, st_safe.log() - mean_t, 0.0)
+    log_st = torch.where(has_mass, st_safe.log(), 0.0)
+    return row_loss, row_entropy, nt_max, log_st
+
+
 def forward_rows(
     logits: Tensor,
     labels: Tensor,
@@ -148,20 +185,19 @@ def forward_rows(
     Returns:
         RowStats, every field (N,) in ``compute_dtype(logits.dtype)``.
     """
-    rp = _start_pass(logits, labels, regularizer, ignore_index, chunk_elements)
-    n, num_classes = rp.logits.shape
-    ct, mode = rp.compute_dtype, rp.mode
-    out = RowStats(*(torch.zeros(n, dtype=ct, device=logits.device) for _ in RowStats._fields))
-    lowest = torch.finfo(ct).min
+    row_pass = _start_pass(logits, labels, regularizer, ignore_index, chunk_elements)
+    n, num_classes = row_pass.logits.shape
+    work_dtype, mode = row_pass.compute_dtype, row_pass.mode
+    out = RowStats(*(torch.zeros(n, dtype=work_dtype, device=logits.device) for _ in RowStats._fields))
 
     def buffers():
-        return rp.buffer(), rp.buffer()
+        return row_pass.buffer(), row_pass.buffer()
 
     def chunk(start, stop, bufs):
         buf_d, buf_e = bufs
         c = stop - start
-        x, y, keep = rp.rows(start, stop)
-        m = x.amax(dim=-1, keepdim=True).to(ct)
+        x, y, keep = row_pass.rows(start, stop)
+        m = x.amax(dim=-1, keepdim=True).to(work_dtype)
         # exp and sum as separate kernels: torch's fused softmax is faster but its float32
         # accumulation drifts by ~1e-6 relative at K ~ 1e5, beyond the reference tolerance.
         d = torch.sub(x, m, out=buf_d[:c])
@@ -170,49 +206,25 @@ def forward_rows(
         d_y = d.gather(1, y)
         row_nll = log_s - d_y
         nt_max = log_st = None
-        if mode == 2:
-            # Shift by the non-target max, not the row max: when the label's logit dominates,
-            # exp((z_k - max z) / T) would underflow for every other class, and z_k - max z would
-            # absorb the non-target logits' differences (5 - 1e38 == 0 - 1e38 in float32). The
-            # masked max of d only locates it; its value is read back from the logits, exactly.
-            d.scatter_(1, y, -math.inf)
-            located = d.max(dim=-1, keepdim=True)
-            # All non-target logits -inf: the max may then point at the masked label itself.
-            nt_max = torch.where(located.values > -math.inf, x.gather(1, located.indices).to(ct), -math.inf)
-            # No finite non-target logit: nowhere to put the smoothing mass, q = e_y.
-            has_mass = nt_max > -math.inf
-            # d is free now: t = (z - nt_max) / T in place, the label and -inf classes clamped to the
-            # lowest float so that exp gives 0 and 0 * t stays 0 (NaN logits still propagate).
-            t = torch.sub(x, torch.where(has_mass, nt_max, 0.0), out=d)
-            if temperature != 1.0:
-                t.mul_(1.0 / temperature)
-            t.scatter_(1, y, -math.inf).clamp_(min=lowest)
-            e_t = torch.exp(t, out=buf_e[:c])
-            st = e_t.sum(dim=-1, keepdim=True)
-            st_safe = torch.where(has_mass, st, 1.0)
-            mean_t = e_t.mul_(t).sum(dim=-1, keepdim=True) / st_safe  # <u*, (z - nt_max) / T> <= 0
-            # H(u*, p) = lse - <u*, z> = log_s - T <u*, (z - nt_max) / T> - (nt_max - m).
-            cross = log_s - temperature * mean_t - (nt_max - m)
-            row_loss = torch.where(has_mass, (1 - alpha) * row_nll + alpha * cross, row_nll)
-            # log u*_k = (z_k - nt_max) / T - log st, so H(u*) = log st - <u*, (z - nt_max) / T>.
-            row_entropy = torch.where(has_mass, st_safe.log() - mean_t, 0.0)
-            log_st = torch.where(has_mass, st_safe.log(), 0.0)
-        elif mode == 1:
+        if mode == MODE_LABO:
+            row_loss, row_entropy, nt_max, log_st = _labo_chunk_terms(
+                x, y, d, buf_e[:c], m, log_s, row_nll, alpha=alpha, temperature=temperature)
+        elif mode == MODE_LABEL_SMOOTHING:
             sum_d = d.sum(dim=-1, keepdim=True)
             row_loss = log_s - (1 - alpha) * d_y - (alpha / num_classes) * sum_d
             row_entropy = torch.full_like(row_loss, math.log(num_classes))
         else:
             row_loss = row_nll
             row_entropy = torch.zeros_like(row_loss)
-        poison = torch.where(rp.bad[start:stop].unsqueeze(1), math.nan, 0.0)
+        poison = torch.where(row_pass.bad[start:stop].unsqueeze(1), math.nan, 0.0)
         fields = [(out.loss, row_loss), (out.nll, row_nll), (out.smoothing_entropy, row_entropy),
                   (out.row_max, m), (out.log_sum, log_s)]
-        if mode == 2:
+        if mode == MODE_LABO:
             fields += [(out.nt_max, nt_max), (out.log_sum_t, log_st)]
         for dest, value in fields:
             dest[start:stop] = (torch.where(keep, value, 0.0) + poison).squeeze(1)
 
-    rp.run(chunk, buffers)
+    row_pass.run(chunk, buffers)
     return out
 
 
@@ -240,65 +252,54 @@ def backward_rows(
         a large ``grad_rows`` (a loss scale) lifts small entries before the rounding. Zero rows for
         ignored rows, NaN rows for poisoned ones.
     """
-    rp = _start_pass(logits, labels, regularizer, ignore_index, chunk_elements)
-    n, num_classes = rp.logits.shape
-    ct, mode = rp.compute_dtype, rp.mode
-    coef = (torch.where(rp.kept, grad_rows.detach().to(device=logits.device, dtype=ct), 0.0)
-            + torch.where(rp.bad, math.nan, 0.0))
+    row_pass = _start_pass(logits, labels, regularizer, ignore_index, chunk_elements)
+    n, num_classes = row_pass.logits.shape
+    work_dtype, mode = row_pass.compute_dtype, row_pass.mode
+    coef = (torch.where(row_pass.kept, grad_rows.detach().to(device=logits.device, dtype=work_dtype), 0.0)
+            + torch.where(row_pass.bad, math.nan, 0.0))
     grad = torch.empty((n, num_classes), dtype=logits.dtype, device=logits.device)
-    in_place = logits.dtype == ct
-    inv_t = 1.0 / temperature if mode == 2 else 1.0
+    in_place = logits.dtype == work_dtype
+    inv_t = 1.0 / temperature if mode == MODE_LABO else 1.0
 
     def buffers():
-        return None if in_place else rp.buffer(), rp.buffer() if mode == 2 else None
+        return None if in_place else row_pass.buffer(), row_pass.buffer() if mode == MODE_LABO else None
 
     def chunk(start, stop, bufs):
         buf_g, buf_u = bufs
         c = stop - start
-        x, y, keep = rp.rows(start, stop)
-        cf = coef[start:stop].unsqueeze(1)
+        x, y, keep = row_pass.rows(start, stop)
+        chunk_coef = coef[start:stop].unsqueeze(1)
         m = stats.row_max[start:stop].unsqueeze(1)
         log_s = stats.log_sum[start:stop].unsqueeze(1)
         g = torch.sub(x, m, out=grad[start:stop] if in_place else buf_g[:c])
         # p * coef, coef and 1 / sum folded into one multiply.
-        g.exp_().mul_(cf * torch.exp(-log_s))
-        if mode == 2:
+        g.exp_().mul_(chunk_coef * torch.exp(-log_s))
+        if mode == MODE_LABO:
             nt_max = stats.nt_max[start:stop].unsqueeze(1)
             has_mass = nt_max > -math.inf
-            a_row = has_mass.to(ct) * alpha  # not where(): its Python scalar would be float32
+            a_row = has_mass.to(work_dtype) * alpha  # not where(): its Python scalar would be float32
             # Rows without mass: shift by +inf so that u* = exp(-inf) = 0 without 0 * inf.
             shift = torch.where(has_mass, nt_max, math.inf)
             u = torch.sub(x, shift, out=buf_u[:c])
             if inv_t != 1.0:
                 u.mul_(inv_t)
             u.exp_()
-            u_coef = torch.where(has_mass, cf * alpha * torch.exp(-stats.log_sum_t[start:stop].unsqueeze(1)), 0.0)
+            u_coef = torch.where(has_mass, chunk_coef * alpha * torch.exp(-stats.log_sum_t[start:stop].unsqueeze(1)), 0.0)
             g.addcmul_(u, -u_coef)
             q_y = 1.0 - a_row
-        elif mode == 1:
-            g.sub_(cf * (alpha / num_classes))
+        elif mode == MODE_LABEL_SMOOTHING:
+            g.sub_(chunk_coef * (alpha / num_classes))
             q_y = 1.0 - alpha + alpha / num_classes
         else:
             q_y = 1.0
         # The label's entry recomputed on its own: u* there was never meant to be included, and
         # exp((z_y - nt_max) / T) may even overflow when the label dominates.
-        p_y = torch.exp((x.gather(1, y).to(ct) - m) - log_s)
-        g.scatter_(1, y, cf * (p_y - q_y))
+        p_y = torch.exp((x.gather(1, y).to(work_dtype) - m) - log_s)
+        g.scatter_(1, y, chunk_coef * (p_y - q_y))
         _mask_ignored_rows(g, keep)
         if not in_place:
             grad[start:stop].copy_(g)
 
-    rp.run(chunk, buffers)
+    row_pass.run(chunk, buffers)
     return grad
 
-
-def fused_rows(logits: Tensor, labels: Tensor, *, grad_scale: float | Tensor, want_grad: bool = True,
-               **config) -> FusedRows:
-    """``forward_rows(logits, labels, **config)`` then, if ``want_grad``, ``backward_rows`` with ``grad_scale``
-    for every row (``config``: ``forward_rows``'s keywords)."""
-    stats = forward_rows(logits, labels, **config)
-    grad = None
-    if want_grad:
-        scale = torch.as_tensor(grad_scale, dtype=stats.loss.dtype, device=logits.device).reshape(())
-        grad = backward_rows(scale.expand(logits.shape[0]), logits, labels, stats, **config)
-    return FusedRows(stats.loss, stats.nll, stats.smoothing_entropy, grad)

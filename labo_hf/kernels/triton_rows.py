@@ -35,13 +35,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from labo_hf.kernels import MODES, FusedRows, RowStats
+from labo_hf import kernels
+from labo_hf.kernels import RowStats
+from labo_hf.kernels.triton_launch import (
+    block_and_warps,
+    check_args,
+    device_supported,
+    launch,
+    launch_config,
+    prepare,
+    vector_width,
+)
 
-__all__ = ["INTERPRETED", "backward_rows", "forward_rows", "launch_config", "supports", "triton_fused_rows"]
+__all__ = ["INTERPRETED", "backward_rows", "forward_rows", "launch_config", "supports"]
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+# The shared constants of labo_hf.kernels as compile-time globals: a @triton.jit body reads no other kind.
+MODE_CROSS_ENTROPY = tl.constexpr(kernels.MODE_CROSS_ENTROPY)
+MODE_LABEL_SMOOTHING = tl.constexpr(kernels.MODE_LABEL_SMOOTHING)
+MODE_LABO = tl.constexpr(kernels.MODE_LABO)
+LOG2E = tl.constexpr(kernels.LOG2E)
+LN2 = tl.constexpr(kernels.LN2)
 
 
 @triton.jit
@@ -54,10 +67,10 @@ def _accumulate(z, is_target, in_row, m1, s1, mt, st, wt, sz, ls_shift, inv_t_lo
     # and must not turn (-inf) - (-inf) into NaN, even in lanes a where() discards.
     up = z > m1
     ref = tl.where(z == neg_inf, 0.0, m1)
-    e = tl.exp2(tl.where(up, ref - z, z - ref) * 1.4426950408889634)
+    e = tl.exp2(tl.where(up, ref - z, z - ref) * LOG2E)
     s1 = tl.where(up, s1 * e + 1.0, s1 + e)
     m1 = tl.where(up, z, m1)
-    if MODE == 2:
+    if MODE == MODE_LABO:
         # Same update at temperature T over the non-target classes, plus wt = sum e^d * d in base-2
         # units (d = (z - mt) / T * log2 e), rebased when the lane maximum moves.
         zt = tl.where(is_target, neg_inf, z)
@@ -69,7 +82,7 @@ def _accumulate(z, is_target, in_row, m1, s1, mt, st, wt, sz, ls_shift, inv_t_lo
         wt = tl.where(up_t, e_t * (wt + st * gap_t0), wt + e_t * gap_t0)
         st = tl.where(up_t, st * e_t + 1.0, st + e_t)
         mt = tl.where(up_t, zt, mt)
-    if MODE == 1:
+    if MODE == MODE_LABEL_SMOOTHING:
         if MASKED:
             sz += tl.where(in_row, z - ls_shift, 0.0)
         else:
@@ -137,15 +150,15 @@ def _forward_kernel(
         # Merge the lanes.
         big_m = tl.max(m1, axis=0)
         big_m_safe = tl.where(big_m == neg_inf, 0.0, big_m)
-        big_s = tl.sum(s1 * tl.exp2((m1 - big_m_safe) * 1.4426950408889634), axis=0)
-        log_s = tl.log2(big_s) * 0.6931471805599453
+        big_s = tl.sum(s1 * tl.exp2((m1 - big_m_safe) * LOG2E), axis=0)
+        log_s = tl.log2(big_s) * LN2
         nll = (big_m - z_y) + log_s + poison
-        if MODE == 0:
+        if MODE == MODE_CROSS_ENTROPY:
             loss = nll
             entropy = 0.0 + poison
             nt_max = 0.0 + poison
             log_st = 0.0 + poison
-        elif MODE == 1:
+        elif MODE == MODE_LABEL_SMOOTHING:
             # loss = lse - (1-a) z_y - a mean(z) = nll - a * mean(z - z_y)
             mean_shifted = tl.sum(sz, axis=0) / n_cols
             loss = tl.where(z_y == neg_inf, float("inf"), nll - alpha * mean_shifted)
@@ -163,8 +176,8 @@ def _forward_kernel(
             # nowhere to go, so q = e_y and H(u*) = 0.
             has_mass = big_st > 0.0
             big_st_safe = tl.where(has_mass, big_st, 1.0)
-            mean_d = big_wt / big_st_safe * 0.6931471805599453  # <u*, (z - max_nt z) / T>, <= 0
-            log_st = tl.log2(big_st_safe) * 0.6931471805599453
+            mean_d = big_wt / big_st_safe * LN2  # <u*, (z - max_nt z) / T>, <= 0
+            log_st = tl.log2(big_st_safe) * LN2
             # H(u*) = log S_T - <u*, d>;  H(u*, p) = lse - <u*, z> = (max z - max_nt z) + log S - T <u*, d>
             cross = (big_m - big_mt_safe) + log_s - temperature * mean_d
             entropy = tl.where(has_mass, log_st - mean_d, 0.0) + poison
@@ -185,12 +198,12 @@ def _gradient(z, is_target, m, log_s2, nt_shift, inv_t_log2e, log_st2, q_y, a_u,
               MODE: tl.constexpr):
     """coef * (p - q) for one block of float32 logits (base-2 arguments precomputed per row)."""
     # (z - m) first: z * log2e alone overflows float32 for |z| > 2.4e38.
-    p = tl.exp2((z - m) * 1.4426950408889634 - log_s2)
-    if MODE == 2:
+    p = tl.exp2((z - m) * LOG2E - log_s2)
+    if MODE == MODE_LABO:
         # Rows without smoothing mass have nt_shift = +inf: u = exp2(-inf) = 0, and a_u = 0.
         u = tl.exp2((z - nt_shift) * inv_t_log2e - log_st2)
         q = tl.where(is_target, q_y, a_u * u)
-    elif MODE == 1:
+    elif MODE == MODE_LABEL_SMOOTHING:
         q = tl.where(is_target, q_y, uniform)
     else:
         q = tl.where(is_target, q_y, 0.0)
@@ -236,19 +249,19 @@ def _backward_kernel(
         # 1 / N would otherwise flush to zero in fp16.
         coef = tl.load(grad_rows_ptr + row * stride_grad_rows).to(tl.float32) + tl.where(valid, 0.0, float("nan"))
         m = tl.load(row_max_ptr + row)
-        log_s2 = tl.load(log_sum_ptr + row) * 1.4426950408889634
+        log_s2 = tl.load(log_sum_ptr + row) * LOG2E
         a_u = 0.0
         nt_shift = 0.0
         log_st2 = 0.0
         uniform = 0.0
-        if MODE == 2:
+        if MODE == MODE_LABO:
             nt_max = tl.load(nt_max_ptr + row)
             has_mass = nt_max > float("-inf")
             a_u = tl.where(has_mass, alpha, 0.0)
             nt_shift = tl.where(has_mass, nt_max, float("inf"))
-            log_st2 = tl.where(has_mass, tl.load(log_sum_t_ptr + row), 0.0) * 1.4426950408889634
+            log_st2 = tl.where(has_mass, tl.load(log_sum_t_ptr + row), 0.0) * LOG2E
             q_y = 1.0 - a_u
-        elif MODE == 1:
+        elif MODE == MODE_LABEL_SMOOTHING:
             uniform = alpha / n_cols
             q_y = 1.0 - alpha + uniform
         else:
@@ -285,81 +298,7 @@ INTERPRETED: bool = type(_forward_kernel).__name__ == "InterpretedFunction"
 
 def supports(logits: Tensor) -> bool:
     """Whether these kernels can run on this tensor's device and dtype (shapes not checked)."""
-    return logits.dtype in _SUPPORTED_DTYPES and (
-        logits.is_cuda or (INTERPRETED and logits.device.type == "cpu")
-    )
-
-
-def launch_config(n_cols: int, kind: str) -> tuple[int, int]:
-    """(BLOCK, num_warps) for one program per row of ``n_cols`` logits; ``kind`` is "forward" or "backward".
-
-    NOT YET MEASURED ON A GPU: no GPU was available when this was written. The choice comes from
-    sm_90 cubins compiled offline: the forward pass of LABO needs 64-68 registers per thread at 8
-    elements per thread whatever the block, so small programs pack best (1024 columns / 4 warps:
-    7-8 programs and 28-32 warps per SM) and waste least on a partial last block; the backward
-    pass keeps no running state and takes 2048 columns / 8 warps. bench/gpu_check.py sweeps
-    alternatives (--sweep) so that this table can be replaced by measured values.
-    """
-    cap = 1024 if kind == "forward" else 2048
-    block = min(triton.next_power_of_2(max(n_cols, 1)), cap)
-    return block, max(1, min(cap // 256, block // 256))
-
-
-def _check_args(logits, labels, regularizer, alpha, temperature, block_size):
-    if not isinstance(logits, Tensor) or logits.dim() != 2:
-        raise ValueError(f"logits must be a 2-D tensor (N, K); got shape {tuple(getattr(logits, 'shape', ()))}")
-    if logits.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"logits dtype must be float32, float16, bfloat16 or float64; got {logits.dtype}")
-    n_rows, n_cols = logits.shape
-    if n_cols < 1:
-        raise ValueError("logits must have at least one class (K >= 1)")
-    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != n_rows:
-        raise ValueError(f"labels must have shape ({n_rows},); got {tuple(getattr(labels, 'shape', ()))}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor; got {labels.dtype}")
-    if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
-    if regularizer not in MODES:
-        raise ValueError(f"regularizer must be one of {tuple(MODES)}; got {regularizer!r}")
-    mode = MODES[regularizer]
-    alpha = float(alpha)
-    if not (0.0 <= alpha < 1.0):
-        raise ValueError(f"alpha must be in [0, 1); got {alpha}")
-    if mode == 0 and alpha != 0.0:
-        raise ValueError("alpha must be 0 for regularizer='cross_entropy'")
-    temp = 1.0
-    if mode == 2:
-        if temperature is None or not math.isfinite(float(temperature)) or float(temperature) <= 0.0:
-            raise ValueError(f"temperature must be a finite positive number for 'labo'; got {temperature}")
-        temp = float(temperature)
-    if block_size is not None and (block_size < 1 or block_size & (block_size - 1)):
-        raise ValueError(f"block_size must be a positive power of two; got {block_size}")
-    if not supports(logits):
-        raise ValueError(
-            f"the Triton kernels need CUDA tensors (got device {logits.device}); CPU tensors are only "
-            "accepted when TRITON_INTERPRET=1 was set before triton was first imported"
-        )
-    return mode, alpha, temp
-
-
-def _prepare(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    logits = logits.detach()
-    if logits.shape[1] > 1 and logits.stride(1) != 1:
-        logits = logits.contiguous()  # rows may be strided; columns must be unit-stride
-    return logits, labels.detach().to(torch.int64).contiguous()
-
-
-def _vec(dtype: torch.dtype) -> int:
-    return max(1, 16 // torch.empty((), dtype=dtype).element_size())  # elements per 16-byte access
-
-
-def _launch(kernel, grid, args, meta, device, num_warps):
-    if INTERPRETED:
-        kernel[grid](*args, **meta)
-    else:
-        with torch.cuda.device(device):
-            # Explicit FMA contraction: today's default, pinned before Triton flips it.
-            kernel[grid](*args, **meta, num_warps=num_warps, enable_fp_fusion=True)
+    return device_supported(logits, INTERPRETED)
 
 
 def forward_rows(logits: Tensor, labels: Tensor, *, regularizer: str, alpha: float, temperature: float | None,
@@ -375,19 +314,17 @@ def forward_rows(logits: Tensor, labels: Tensor, *, regularizer: str, alpha: flo
     Returns:
         RowStats of float32 (N,) tensors.
     """
-    mode, alpha, temp = _check_args(logits, labels, regularizer, alpha, temperature, block_size)
-    logits, labels = _prepare(logits, labels)
+    mode, alpha, temp = check_args(logits, labels, regularizer, alpha, temperature, block_size, interpreted=INTERPRETED)
+    logits, labels = prepare(logits, labels)
     n_rows, n_cols = logits.shape
     out = RowStats(*(torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in RowStats._fields))
     if n_rows == 0:
         return out
-    block, warps = launch_config(n_cols, "forward")
-    if block_size is not None:
-        block, warps = block_size, max(1, min(16, block_size // 256))
-    args = (logits, labels, *out, n_cols, logits.stride(0), alpha, temp, _LOG2E / temp, math.log(n_cols),
+    block, warps = block_and_warps(n_cols, "forward", block_size)
+    args = (logits, labels, *out, n_cols, logits.stride(0), alpha, temp, kernels.LOG2E / temp, math.log(n_cols),
             int(ignore_index))
-    meta = {"MODE": mode, "BLOCK": block, "VEC": _vec(logits.dtype)}
-    _launch(_forward_kernel, (n_rows,), args, meta, logits.device, num_warps or warps)
+    meta = {"MODE": mode, "BLOCK": block, "VEC": vector_width(logits.dtype)}
+    launch(_forward_kernel, (n_rows,), args, meta, logits.device, num_warps or warps, interpreted=INTERPRETED)
     return out
 
 
@@ -404,8 +341,8 @@ def backward_rows(grad_rows: Tensor, logits: Tensor, labels: Tensor, stats: RowS
     Returns:
         (N, K) contiguous gradient in the logits' dtype.
     """
-    mode, alpha, temp = _check_args(logits, labels, regularizer, alpha, temperature, block_size)
-    logits, labels = _prepare(logits, labels)
+    mode, alpha, temp = check_args(logits, labels, regularizer, alpha, temperature, block_size, interpreted=INTERPRETED)
+    logits, labels = prepare(logits, labels)
     n_rows, n_cols = logits.shape
     grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     if n_rows == 0:
@@ -415,28 +352,10 @@ def backward_rows(grad_rows: Tensor, logits: Tensor, labels: Tensor, stats: RowS
     grad_rows = grad_rows.detach().to(device=logits.device, dtype=torch.float32)
     stat = [t.detach().to(device=logits.device, dtype=torch.float32).contiguous()
             for t in (stats.row_max, stats.log_sum, stats.nt_max, stats.log_sum_t)]
-    block, warps = launch_config(n_cols, "backward")
-    if block_size is not None:
-        block, warps = block_size, max(1, min(16, block_size // 256))
+    block, warps = block_and_warps(n_cols, "backward", block_size)
     args = (grad_rows, grad_rows.stride(0), logits, labels, *stat, grad, n_cols, logits.stride(0), alpha,
-            _LOG2E / temp, int(ignore_index))
-    meta = {"MODE": mode, "BLOCK": block, "VEC": _vec(logits.dtype), "SAME_LAYOUT": logits.stride(0) == n_cols}
-    _launch(_backward_kernel, (n_rows,), args, meta, logits.device, num_warps or warps)
+            kernels.LOG2E / temp, int(ignore_index))
+    meta = {"MODE": mode, "BLOCK": block, "VEC": vector_width(logits.dtype), "SAME_LAYOUT": logits.stride(0) == n_cols}
+    launch(_backward_kernel, (n_rows,), args, meta, logits.device, num_warps or warps, interpreted=INTERPRETED)
     return grad
 
-
-def triton_fused_rows(logits: Tensor, labels: Tensor, *, grad_scale: float | Tensor, want_grad: bool = True,
-                      **config) -> FusedRows:
-    """``forward_rows(logits, labels, **config)`` then, if ``want_grad``, ``backward_rows`` with ``grad_scale``
-    for every row (``config``: ``forward_rows``'s keywords).
-
-    ``grad_scale`` is a Python float or a one-element tensor (read on the device, no host sync).
-    """
-    stats = forward_rows(logits, labels, **config)
-    grad = None
-    if want_grad:
-        if isinstance(grad_scale, Tensor) and (grad_scale.numel() != 1 or not grad_scale.dtype.is_floating_point):
-            raise ValueError("grad_scale tensor must be a single floating-point value")
-        scale = torch.as_tensor(grad_scale, dtype=torch.float32, device=logits.device).reshape(())
-        grad = backward_rows(scale.expand(logits.shape[0]), logits, labels, stats, **config)
-    return FusedRows(stats.loss, stats.nll, stats.smoothing_entropy, grad)

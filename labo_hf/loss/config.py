@@ -6,8 +6,12 @@ modules, fused linear); ``resolve_hyperparameters`` is the check it runs once.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+from labo_hf.kernels.torch_rows import CHUNK_ELEMENTS as _KERNEL_CHUNK_ELEMENTS
 
 REGULARIZERS = ("labo", "label_smoothing", "cross_entropy")
 IMPLEMENTATIONS = ("auto", "torch", "triton")
@@ -16,6 +20,10 @@ DEFAULT_TEMPERATURE = 2.0
 # Below this, 1 / T and the tempered logits leave float32's range (1e-39 is not even a normal
 # float32), and u* is the one-hot of the top non-target class to within float32 anyway.
 MIN_TEMPERATURE = 1e-30
+# Logit elements per work chunk, by user: the torch kernels' work buffers, and the fused linear loss's chunk of
+# logits (64 MiB in float32: the loss allocates a few buffers of this size for its own work, so a chunk's peak is a
+# few hundred MiB whatever N is; fewer, larger chunks keep the matmuls efficient). Read at each call.
+_CHUNK_ELEMENTS = {"kernels": _KERNEL_CHUNK_ELEMENTS, "fused_linear": 1 << 24}
 
 
 def resolve_hyperparameters(
@@ -92,3 +100,26 @@ class LossConfig:
             "temperature": self.temperature,
             "ignore_index": self.ignore_index,
         }
+
+
+def chunk_elements(user: str) -> int:
+    """Logit elements per work chunk of ``user``: ``"kernels"`` (the torch kernels' buffers) or
+    ``"fused_linear"`` (the fused linear loss's chunk of logits when no ``chunk_size`` is given)."""
+    return _CHUNK_ELEMENTS[user]
+
+
+@contextlib.contextmanager
+def override_chunk_elements(*, kernels: int | None = None, fused_linear: int | None = None) -> Iterator[None]:
+    """Within the block, work in chunks of the given number of logit elements (smaller chunks: less memory, more
+    of them; tests use it to split small problems many times over). Results are the same whatever the chunks."""
+    changes = {user: value for user, value in (("kernels", kernels), ("fused_linear", fused_linear))
+               if value is not None}
+    for user, value in changes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{user} must be a positive number of elements, got {value!r}")
+    previous = dict(_CHUNK_ELEMENTS)
+    _CHUNK_ELEMENTS.update(changes)
+    try:
+        yield
+    finally:
+        _CHUNK_ELEMENTS.update(previous)

@@ -17,10 +17,8 @@ from torch import Tensor
 from labo_hf.kernels import RowStats
 from labo_hf.kernels import torch_rows as _torch_rows
 from labo_hf.kernels.torch_rows import compute_dtype as _compute_dtype
-from labo_hf.loss.config import IMPLEMENTATIONS
+from labo_hf.loss.config import IMPLEMENTATIONS, chunk_elements
 
-# Elements per work buffer of the chunked torch path; read at each call (tests shrink it).
-_CHUNK_ELEMENTS = _torch_rows.CHUNK_ELEMENTS
 # Whether triton is installed, decided once: a lookup inside a traced function would break graphs.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
@@ -30,18 +28,19 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _TRITON_SELF_CHECK: dict[tuple[str, str, torch.dtype], bool] = {}
 
 
-def _load_triton_rows():
+def load_triton_rows():
+    """``labo_hf.kernels.triton_rows``, imported on first use (ImportError without triton)."""
     from labo_hf.kernels import triton_rows
 
     return triton_rows
 
 
-def _needs_self_check(device: torch.device) -> bool:
+def needs_self_check(device: torch.device) -> bool:
     """Compiled kernels are probed on first use on each GPU; the CPU interpreter is tested in CI."""
     return device.type == "cuda"
 
 
-def _probe_triton(device: torch.device, dtype: torch.dtype, regularizer: str, alpha: float,
+def probe_triton(device: torch.device, dtype: torch.dtype, regularizer: str, alpha: float,
                   temperature: float | None) -> str | None:
     """Run the Triton kernels once on a small case against the torch path; the reason they fail, or None."""
     gen = torch.Generator().manual_seed(0)
@@ -52,7 +51,7 @@ def _probe_triton(device: torch.device, dtype: torch.dtype, regularizer: str, al
     grad_rows = torch.full((n,), 0.5, device=device)
     kw = dict(regularizer=regularizer, alpha=alpha, temperature=temperature, ignore_index=-100)
     try:
-        triton_rows = _load_triton_rows()
+        triton_rows = load_triton_rows()
         got = triton_rows.forward_rows(logits, labels, **kw)
         got_grad = triton_rows.backward_rows(grad_rows, logits, labels, got, **kw)
         if device.type == "cuda":
@@ -72,12 +71,12 @@ def _probe_triton(device: torch.device, dtype: torch.dtype, regularizer: str, al
 
 def _triton_passes_self_check(device: torch.device, dtype: torch.dtype, regularizer: str, alpha: float,
                               temperature: float | None) -> bool:
-    if not _needs_self_check(device):
+    if not needs_self_check(device):
         return True
     key = (str(device), regularizer, dtype)
     ok = _TRITON_SELF_CHECK.get(key)
     if ok is None:
-        reason = _probe_triton(device, dtype, regularizer, alpha, temperature)
+        reason = probe_triton(device, dtype, regularizer, alpha, temperature)
         ok = reason is None
         _TRITON_SELF_CHECK[key] = ok
         if not ok:
@@ -95,7 +94,7 @@ def _kernels_for(implementation: str, logits: Tensor, regularizer: str, alpha: f
     if implementation == "triton" and _triton_passes_self_check(
         logits.device, logits.dtype, regularizer, alpha, temperature
     ):
-        return _load_triton_rows()
+        return load_triton_rows()
     return _torch_rows
 
 
@@ -113,7 +112,7 @@ def select_implementation(implementation: str, logits: Tensor) -> str:
                 "by implementation='torch' (or 'auto')"
             )
         try:
-            triton_rows = _load_triton_rows()
+            triton_rows = load_triton_rows()
         except ImportError as err:
             raise ValueError(
                 f"implementation='triton' needs the optional dependency triton "
@@ -141,21 +140,23 @@ _BACKWARD_SCHEMA = (
 _SECOND_DERIVATIVE_MESSAGE = (
     "label_regularized_loss does not support second derivatives (a backward pass through its gradient, "
     "as Hessians and gradient penalties with create_graph=True need): its backward pass is a fused kernel. "
-    "labo_hf.reference.reference_label_regularized_loss computes the same loss with plain autograd and is "
+    "labo_hf.loss.reference.reference_label_regularized_loss computes the same loss with plain autograd and is "
     "twice differentiable (u* held constant, as in docs/method.md, section 2)."
 )
 
 
-def _hyper(regularizer: str, temperature: float) -> float | None:
+def _kernel_temperature(regularizer: str, temperature: float) -> float | None:
+    """The kernels' temperature: the op's schema carries a float for every regularizer, the kernels want None
+    unless LABO."""
     return temperature if regularizer == "labo" else None
 
 
 @torch.library.custom_op("labo_hf::label_regularized_rows", mutates_args=(), schema=_FORWARD_SCHEMA)
 def _rows_op(logits, labels, regularizer, alpha, temperature, ignore_index, implementation, chunk_elements):
-    kernels = _kernels_for(implementation, logits, regularizer, alpha, _hyper(regularizer, temperature))
+    kernels = _kernels_for(implementation, logits, regularizer, alpha, _kernel_temperature(regularizer, temperature))
     kw = {"chunk_elements": chunk_elements} if kernels is _torch_rows else {}
     return tuple(kernels.forward_rows(
-        logits, labels, regularizer=regularizer, alpha=alpha, temperature=_hyper(regularizer, temperature),
+        logits, labels, regularizer=regularizer, alpha=alpha, temperature=_kernel_temperature(regularizer, temperature),
         ignore_index=ignore_index, **kw,
     ))
 
@@ -169,12 +170,12 @@ def _rows_op_fake(logits, labels, regularizer, alpha, temperature, ignore_index,
 @torch.library.custom_op("labo_hf::label_regularized_rows_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
 def _rows_backward_op(grad_rows, logits, labels, row_max, log_sum, nt_max, log_sum_t, regularizer, alpha,
                       temperature, ignore_index, implementation, chunk_elements):
-    kernels = _kernels_for(implementation, logits, regularizer, alpha, _hyper(regularizer, temperature))
+    kernels = _kernels_for(implementation, logits, regularizer, alpha, _kernel_temperature(regularizer, temperature))
     kw = {"chunk_elements": chunk_elements} if kernels is _torch_rows else {}
     stats = RowStats(row_max, row_max, row_max, row_max, log_sum, nt_max, log_sum_t)  # loss fields unused
     return kernels.backward_rows(
         grad_rows, logits, labels, stats, regularizer=regularizer, alpha=alpha,
-        temperature=_hyper(regularizer, temperature), ignore_index=ignore_index, **kw,
+        temperature=_kernel_temperature(regularizer, temperature), ignore_index=ignore_index, **kw,
     )
 
 
@@ -223,7 +224,7 @@ def row_stats(logits2d: Tensor, labels1d: Tensor, regularizer: str, alpha: float
     """The per-row loss (differentiable), NLL and H(u) of logits (N, K) and labels (N,) int64, each (N,)."""
     row_loss, nll, entropy, *_ = _rows_op(
         logits2d, labels1d, regularizer, alpha, temperature if temperature is not None else 1.0, ignore_index,
-        implementation, int(_CHUNK_ELEMENTS),
+        implementation, chunk_elements("kernels"),
     )
     return row_loss, nll, entropy
 
@@ -231,3 +232,9 @@ def row_stats(logits2d: Tensor, labels1d: Tensor, regularizer: str, alpha: float
 def reset_triton_self_check() -> None:
     """Forget the Triton kernels' first-use self-check results, so that the next call probes again."""
     _TRITON_SELF_CHECK.clear()
+
+
+def triton_self_check_results() -> dict[tuple[str, str, torch.dtype], bool]:
+    """The first-use self-check results so far: (device, regularizer, dtype) -> whether Triton passed there."""
+    return dict(_TRITON_SELF_CHECK)
+

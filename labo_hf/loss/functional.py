@@ -24,7 +24,7 @@ Autograd contract (docs/method.md, section 4): the forward pass keeps a few per-
 the backward pass recomputes ``p - q`` from the logits in float32 and multiplies it by the upstream
 gradient before rounding once to the logits' dtype (exact under fp16 loss scaling). The ops are
 registered with ``torch.library`` so that ``torch.compile(fullgraph=True)`` traces them.
-Second derivatives are not supported (a clear error; ``labo_hf.reference`` is twice
+Second derivatives are not supported (a clear error; ``labo_hf.loss.reference`` is twice
 differentiable), nor are ``torch.func`` transforms (a clear error).
 """
 

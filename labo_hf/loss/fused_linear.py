@@ -13,21 +13,18 @@ Pure torch; imports nothing from transformers.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from labo_hf.loss.config import resolve_hyperparameters
+from labo_hf.loss.config import LossConfig, chunk_elements
 from labo_hf.loss.functional import label_regularized_loss_with_stats
-from labo_hf.loss.reduction import reduction_scale as _reduction_scale
+from labo_hf.loss.reduction import reduction_scale
 from labo_hf.loss.sharding import check_whole_weight
-from labo_hf.loss.validation import LossStats
-from labo_hf.loss.validation import default_validate as _default_validate
+from labo_hf.loss.validation import LossStats, check_label_range, default_validate
 
 __all__ = ["fused_linear_label_regularized_loss", "fused_linear_label_regularized_loss_with_stats"]
-
-# Logit elements per chunk (64 MiB in float32). The loss allocates a few buffers of this size for its own
-# work, so a chunk's peak is a few hundred MiB whatever N is; fewer, larger chunks keep the matmuls efficient.
-_CHUNK_ELEMENTS = 1 << 24
 
 
 def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None) -> None:
@@ -51,12 +48,13 @@ class _FusedLinearLoss(torch.autograd.Function):
     """Loss and statistics of the kept rows; the gradients are computed in forward, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, loss_kwargs, scale, chunk_rows):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, labels, config, validate, scale, chunk_rows):  # noqa: D102
         needs = ctx.needs_input_grad[:3]
         want_grad = any(needs)
-        kept_idx = (labels != loss_kwargs["ignore_index"]).nonzero().squeeze(1)
+        loss_kwargs = config.loss_kwargs()
+        kept_idx = (labels != config.ignore_index).nonzero().squeeze(1)
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        loss_sum, nll_sum, target_prob_sum, entropy_sum = (zero.clone() for _ in range(4))
+        loss_sum, nll_sum, target_prob_sum, entropy_sum, poison = (zero.clone() for _ in range(5))
         # Gradients in float32 until backward's final cast: under a loss scale (fp16) or in bf16, rounding each
         # chunk's contribution to the parameter dtype before the sum would lose precision.
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if needs[0] else None
@@ -74,10 +72,12 @@ class _FusedLinearLoss(torch.autograd.Function):
                 # flush its small entries to 0 as it would after a division by the batch's count; 1 / count
                 # joins the upstream gradient in backward, in float32.
                 loss, stats = label_regularized_loss_with_stats(
-                    logits, labels.index_select(0, idx), num_items_in_batch=1, **loss_kwargs
+                    logits, labels.index_select(0, idx), num_items_in_batch=1, validate=validate, **loss_kwargs
                 )
                 grad_logits = torch.autograd.grad(loss, logits)[0] if want_grad else None
             loss_sum += loss.detach()
+            # An unvalidated invalid row (a label outside [0, V)) leaves NaN in the chunk's count: keep it.
+            poison += torch.where(torch.isfinite(stats.num_kept), 0.0, math.nan)
             nll_sum += stats.nll_sum
             target_prob_sum += stats.target_prob_sum
             entropy_sum += stats.smoothing_entropy_sum
@@ -92,7 +92,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                     # Low precision: the chunk's product goes to the float32 sum in blocks of rows of V, so the
                     # temporary is one block of about a chunk's logits in size, not a second (V, H) matrix.
                     grad_t = grad_logits.T
-                    block = max(1, _CHUNK_ELEMENTS // h.shape[1])
+                    block = max(1, chunk_elements("fused_linear") // h.shape[1])
                     for v in range(0, grad_t.shape[0], block):
                         grad_weight[v:v + block].add_(grad_t[v:v + block] @ h)
                     del grad_t
@@ -103,7 +103,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
         ctx.used = False
-        num_kept = torch.tensor(float(kept_idx.numel()), device=hidden.device)
+        num_kept = torch.tensor(float(kept_idx.numel()), device=hidden.device) + poison
         ctx.mark_non_differentiable(nll_sum, target_prob_sum, entropy_sum, num_kept)
         return loss_sum * scale, nll_sum, target_prob_sum, entropy_sum, num_kept
 
@@ -122,7 +122,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             g.mul_(scale).to(dtype) if has else None
             for g, has, dtype in zip(saved, ctx.has, ctx.dtypes, strict=True)
         ]
-        return grads[0], grads[1], grads[2], None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None
 
 
 def fused_linear_label_regularized_loss_with_stats(
@@ -137,28 +137,26 @@ def fused_linear_label_regularized_loss_with_stats(
     ignore_index: int = -100,
     num_items_in_batch: int | float | Tensor | None = None,
     chunk_size: int | None = None,
+    validate: bool | None = None,
 ) -> tuple[Tensor, LossStats]:
     """`fused_linear_label_regularized_loss` plus the sums needed to log it (see `LossStats`)."""
     check_whole_weight(weight)
     _check_inputs(hidden, weight, labels, bias)
-    resolve_hyperparameters(regularizer, alpha, temperature)  # fail before any work
+    config = LossConfig(regularizer, alpha, temperature, ignore_index)  # fail before any work
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+        chunk_size = max(1, chunk_elements("fused_linear") // weight.shape[0])
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size!r}")
+    validate = default_validate(hidden) if validate is None else bool(validate)
     labels = labels.to(hidden.device).long()
     kept = labels != ignore_index
-    out_of_range = kept & ((labels < 0) | (labels >= weight.shape[0]))
-    if bool(out_of_range.any()):
-        raise ValueError(f"labels must be in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}; "
-                         f"found {labels[out_of_range][:5].tolist()}")
+    if validate:
+        check_label_range(labels, kept, weight.shape[0], ignore_index)
     # The one reducer's rule and checks (no silent clamp of a zero, negative or non-finite count).
-    scale, poison = _reduction_scale(num_items_in_batch, kept, torch.float32, _default_validate(hidden))
+    scale, poison = reduction_scale(num_items_in_batch, kept, torch.float32, validate)
     scale = torch.as_tensor(scale, dtype=torch.float32, device=hidden.device)
-    loss_kwargs = {"regularizer": regularizer, "alpha": alpha, "temperature": temperature,
-                   "ignore_index": ignore_index}
     loss, nll, target_prob, entropy, num_kept = _FusedLinearLoss.apply(
-        hidden, weight, bias, labels, loss_kwargs, scale, chunk_size
+        hidden, weight, bias, labels, config, validate, scale, chunk_size
     )
     return loss, LossStats(nll_sum=nll, target_prob_sum=target_prob, smoothing_entropy_sum=entropy,
                            num_kept=num_kept + poison)
@@ -176,6 +174,7 @@ def fused_linear_label_regularized_loss(
     ignore_index: int = -100,
     num_items_in_batch: int | float | Tensor | None = None,
     chunk_size: int | None = None,
+    validate: bool | None = None,
 ) -> Tensor:
     """`label_regularized_loss(hidden @ weight.T + bias, labels, ...)` without materializing the logits.
 
@@ -184,7 +183,8 @@ def fused_linear_label_regularized_loss(
         weight: (V, H) the lm_head weight, in hidden's dtype.
         labels: (N,) integer, in [0, V) or ``ignore_index``.
         bias: (V,) or None.
-        regularizer, alpha, temperature, ignore_index, num_items_in_batch: as `label_regularized_loss`.
+        regularizer, alpha, temperature, ignore_index, num_items_in_batch, validate: as `label_regularized_loss`
+            (unvalidated, a label outside [0, V) gives NaN and poisons the `LossStats` instead of a ValueError).
         chunk_size: rows per chunk; default keeps a chunk's logits near 16M elements.
 
     Returns:
@@ -195,6 +195,6 @@ def fused_linear_label_regularized_loss(
     """
     loss, _ = fused_linear_label_regularized_loss_with_stats(
         hidden, weight, labels, bias, regularizer=regularizer, alpha=alpha, temperature=temperature,
-        ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+        ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, validate=validate,
     )
     return loss

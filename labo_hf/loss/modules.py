@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from labo_hf.loss.config import resolve_hyperparameters
+from labo_hf.loss.config import LossConfig
 from labo_hf.loss.functional import label_regularized_loss, label_regularized_loss_per_position
 from labo_hf.loss.fused_linear import fused_linear_label_regularized_loss
 
@@ -17,19 +17,22 @@ __all__ = ["REDUCTIONS", "FusedLinearLABOLoss", "LABOLoss", "label_regularized_l
 REDUCTIONS = ("mean", "sum", "none")
 
 
-class _Configured(nn.Module):
+class _ConfiguredLoss(nn.Module):
+    """A loss module holding its validated settings (``config``, a frozen `LossConfig`) and its reduction."""
+
     def __init__(self, regularizer: str, alpha: float | None, temperature: float | None, ignore_index: int,
                  reduction: str) -> None:
         super().__init__()
-        resolve_hyperparameters(regularizer, alpha, temperature)
+        self.config = LossConfig(regularizer, alpha, temperature, ignore_index)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.regularizer, self.alpha, self.temperature = regularizer, alpha, temperature
-        self.ignore_index, self.reduction = ignore_index, reduction
+        self.reduction = reduction
 
-    def _kwargs(self) -> dict:
-        return {"regularizer": self.regularizer, "alpha": self.alpha, "temperature": self.temperature,
-                "ignore_index": self.ignore_index}
+    # Read-only views of the settings, as the constructor's arguments (resolved: defaults filled in).
+    regularizer = property(lambda self: self.config.regularizer)
+    alpha = property(lambda self: self.config.alpha)
+    temperature = property(lambda self: self.config.temperature)
+    ignore_index = property(lambda self: self.config.ignore_index)
 
     def _num_items(self, num_items_in_batch):
         # "sum" is the reducer with denominator 1, so the three reductions share one code path.
@@ -38,10 +41,11 @@ class _Configured(nn.Module):
         return 1 if self.reduction == "sum" else num_items_in_batch
 
     def extra_repr(self) -> str:  # noqa: D102
-        return ", ".join(f"{k}={v!r}" for k, v in {**self._kwargs(), "reduction": self.reduction}.items())
+        settings = {**self.config.loss_kwargs(), "alpha": self.config.alpha, "reduction": self.reduction}
+        return ", ".join(f"{k}={v!r}" for k, v in settings.items())
 
 
-class LABOLoss(_Configured):
+class LABOLoss(_ConfiguredLoss):
     """Label-regularized cross-entropy as a module: ``LABOLoss()(logits, labels)``.
 
     Args:
@@ -63,12 +67,12 @@ class LABOLoss(_Configured):
     def forward(self, logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:  # noqa: D102
         if self.reduction == "none":
             self._num_items(num_items_in_batch)
-            return label_regularized_loss_per_position(logits, labels, **self._kwargs())
+            return label_regularized_loss_per_position(logits, labels, **self.config.loss_kwargs())
         return label_regularized_loss(logits, labels, num_items_in_batch=self._num_items(num_items_in_batch),
-                                      **self._kwargs())
+                                      **self.config.loss_kwargs())
 
 
-class FusedLinearLABOLoss(_Configured):
+class FusedLinearLABOLoss(_ConfiguredLoss):
     """`LABOLoss` of ``hidden @ weight.T + bias`` without materializing the logits (for large vocabularies).
 
     Same arguments as `LABOLoss` plus ``chunk_size`` (rows per chunk); ``reduction="none"`` is not available
@@ -90,5 +94,5 @@ class FusedLinearLABOLoss(_Configured):
                 num_items_in_batch: int | Tensor | None = None) -> Tensor:
         return fused_linear_label_regularized_loss(
             hidden, weight, labels, bias, num_items_in_batch=self._num_items(num_items_in_batch),
-            chunk_size=self.chunk_size, **self._kwargs(),
+            chunk_size=self.chunk_size, **self.config.loss_kwargs(),
         )

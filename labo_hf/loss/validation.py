@@ -58,13 +58,17 @@ def flatten_inputs(
     labels1d = labels.reshape(-1).long()
     kept = labels1d != ignore_index
     if check_range:
-        out_of_range = kept & ((labels1d < 0) | (labels1d >= num_classes))
-        if bool(out_of_range.any()):
-            bad = labels1d[out_of_range][:5].tolist()
-            raise ValueError(
-                f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {bad}"
-            )
+        check_label_range(labels1d, kept, num_classes, ignore_index)
     return logits2d, labels1d, kept
+
+
+def check_label_range(labels: Tensor, kept: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise the ValueError naming kept labels outside [0, num_classes). A host sync: only call it when validating
+    (unchecked, such labels poison their rows with NaN in the kernels instead)."""
+    out_of_range = kept & ((labels < 0) | (labels >= num_classes))
+    if bool(out_of_range.any()):
+        bad = labels[out_of_range][:5].tolist()
+        raise ValueError(f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {bad}")
 
 
 def check_count(value: float, kept: Tensor | None) -> None:
@@ -125,7 +129,7 @@ def refuse_function_transforms(logits: Tensor) -> None:
         raise ValueError(
             "label_regularized_loss does not support torch.func transforms (grad, vmap, jacrev, ...) of "
             "logits: its fused kernels have no batching rule. Call it on the batch directly (it already "
-            "reduces over rows), or use labo_hf.reference.reference_label_regularized_loss."
+            "reduces over rows), or use labo_hf.loss.reference.reference_label_regularized_loss."
         )
 
 

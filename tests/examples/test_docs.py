@@ -27,6 +27,8 @@ from conftest import TASKS, collate
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+# The documents whose commands and Python blocks are executed: the README and the usage guide it links.
+DOCS = {"README.md": README, "docs/usage.md": ROOT / "docs" / "usage.md"}
 SCRIPTS = ("run_translation.py", "run_image_classification.py")
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -81,8 +83,12 @@ def _command_lines(text: str, indent: str = "") -> list[str]:
     return commands
 
 
+def doc_commands(doc: str) -> list[str]:
+    return [line for block in _blocks(DOCS[doc].read_text(), "bash") for line in _command_lines(block)]
+
+
 def readme_commands() -> list[str]:
-    return [line for block in _blocks(README.read_text(), "bash") for line in _command_lines(block)]
+    return doc_commands("README.md")
 
 
 def help_text(script: str, capsys) -> str:
@@ -259,16 +265,16 @@ def test_launch_lines_have_one_source(capsys):
     for source, (commands, script) in sources.items():
         shown = [c for c in commands if c.startswith(("torchrun", "accelerate"))]
         assert sorted(shown) == sorted(launch_lines(script)), source
-    text = README.read_text() + "".join(help_text(s, capsys) for s in SCRIPTS)
+    text = "".join(path.read_text() for path in DOCS.values()) + "".join(help_text(s, capsys) for s in SCRIPTS)
     assert "launch --cpu" not in text and "--ddp_backend gloo" not in text
 
 
 def test_all_outputs_go_under_one_ignored_folder(capsys):
-    commands = readme_commands() + [c for s in SCRIPTS for c in help_commands(s, capsys)]
+    commands = [c for doc in DOCS for c in doc_commands(doc)] + [c for s in SCRIPTS for c in help_commands(s, capsys)]
     folders = {shlex.split(c)[shlex.split(c).index("--output_dir") + 1].split("/")[0]
                for c in commands if "--output_dir" in c}
     assert folders == {"outputs"}
-    python = "".join(_blocks(README.read_text(), "python"))
+    python = "".join(_blocks(path.read_text(), "python") for path in DOCS.values())
     assert set(re.findall(r"output_dir=\"([^/\"]+)", python)) <= {"outputs"}
     ignored = subprocess.run(["git", "check-ignore", "-q", "outputs/any/file"], cwd=ROOT)
     assert ignored.returncode == 0, "outputs/ is not ignored by .gitignore"
@@ -300,15 +306,16 @@ def _readme_namespace(tmp_path: Path, monkeypatch) -> dict:
             "labels": torch.randint(0, 11, (4, 6), generator=generator)}
 
 
-def test_readme_python_blocks_run(hub, tmp_path, monkeypatch):
+@pytest.mark.parametrize("doc", list(DOCS))
+def test_readme_python_blocks_run(doc, hub, tmp_path, monkeypatch):
     """Each block in order, in one namespace, as a reader pasting them into one session (Hub names -> local)."""
     monkeypatch.chdir(tmp_path)
     namespace = _readme_namespace(tmp_path, monkeypatch)
-    for number, block in enumerate(_blocks(README.read_text(), "python")):
+    for number, block in enumerate(_blocks(DOCS[doc].read_text(), "python")):
         for name, local in HUB_MODELS.items():
             block = block.replace(f'"{name}"', repr(str(hub / local)))
         block = re.sub(r"max_steps=\d+", "max_steps=2", block)
-        exec(compile(block, f"README.md python block {number}", "exec"), namespace)  # noqa: S102
+        exec(compile(block, f"{doc} python block {number}", "exec"), namespace)  # noqa: S102
     assert (tmp_path / "outputs").is_dir()
 
 
@@ -344,11 +351,11 @@ def _split_setup(command: str) -> list[str]:
     return parts
 
 
-@pytest.mark.parametrize("source", ["README.md", *SCRIPTS])
+@pytest.mark.parametrize("source", [*DOCS, *SCRIPTS])
 def test_documented_commands_run(source, hub, tmp_path, monkeypatch, capsys):
     """Every command line of the README (bash blocks) or of a script's --help, in smoke form, in order, in one
     working folder (so that a resume line finds the run before it)."""
-    commands = readme_commands() if source == "README.md" else help_commands(source, capsys)
+    commands = doc_commands(source) if source in DOCS else help_commands(source, capsys)
     assert commands
     for command in commands:
         for part in _split_setup(command):

@@ -37,61 +37,12 @@ def test_fused_linear_trains_like_full_logits(task_name, tmp_path):
     for kind in kinds:
         trainer = train(kind, task_name, str(tmp_path / kind), 4, 2, 2)
         _assert_same(flat_parameters(trainer.model), reference)
-        loss_fn = trainer.compute_loss_func or trainer._labo_loss_fn
+        loss_fn = trainer.compute_loss_func or trainer.labo_loss_function
         assert loss_fn.last_fused == kind.endswith("_fused")
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
         assert len(logs) == 2
         if kind.startswith("labo_trainer"):
             assert all(0 < entry["target_prob"] < 1 and entry["nll"] > 0 for entry in logs)
-
-
-def test_fused_linear_eval_and_plain_forward_keep_logits(tmp_path):
-    model = tiny_llama()
-    loss_fn = labo_loss_func(fused_linear=True, model=model, shift_labels=True)
-    batch = collate(TASKS["llama"].make_examples(3, seed=1))
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    model.eval()
-    with torch.no_grad():
-        logits = model(**inputs).logits
-        assert logits.shape[:2] == batch["labels"].shape
-        evaluated = loss_fn(model(**inputs), batch["labels"])
-    assert not loss_fn.last_fused
-    model.train()
-    trained = loss_fn(model(**inputs), batch["labels"])
-    assert loss_fn.last_fused
-    expected = label_regularized_loss(logits[:, :-1], batch["labels"][:, 1:])
-    torch.testing.assert_close(evaluated, expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(trained.detach(), expected, rtol=1e-5, atol=1e-6)
-    loss_fn.remove()
-    model.train()
-    assert model(**inputs).logits.shape[:2] == batch["labels"].shape
-
-
-def test_fused_linear_refuses_non_linear_heads():
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
-
-    gemma = Gemma2ForCausalLM(Gemma2Config(
-        vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0,
-    ))
-    with pytest.raises(ValueError, match="softcapping"):
-        labo_loss_func(fused_linear=True, model=gemma)
-    with pytest.raises(ValueError, match="decoder-only"):
-        labo_loss_func(fused_linear=True, model=TASKS["marian"].make_model())
-    with pytest.raises(ValueError, match="needs model"):
-        labo_loss_func(fused_linear=True)
-
-    class ScaledLlama(LlamaForCausalLM):
-        def forward(self, *args, logits_to_keep=0, **kwargs):
-            outputs = super().forward(*args, logits_to_keep=logits_to_keep, **kwargs)
-            outputs.logits = 2 * outputs.logits
-            return outputs
-
-    model = ScaledLlama(tiny_llama().config).train()
-    loss_fn = labo_loss_func(fused_linear=True, model=model, shift_labels=True)
-    batch = collate(TASKS["llama"].make_examples(2, seed=1))
-    with pytest.raises(ValueError, match="not a plain linear map"):
-        loss_fn(model(input_ids=batch["input_ids"]), batch["labels"])
 
 
 def test_shift_detection_and_errors():
@@ -145,3 +96,35 @@ def test_loss_func_warns_once_when_the_count_includes_unshifted_labels(task_name
         assert len(said) == 1 and 'model.loss_type = "ForCausalLM"' in said[0]
     else:
         assert said == []
+
+
+def test_labo_loss_func_is_a_function_with_the_class_signature():
+    import inspect
+
+    from labo_hf import LABOLossFunction
+    from labo_hf.loss.config import LossConfig
+
+    assert inspect.isfunction(labo_loss_func) and labo_loss_func.__doc__
+    constructor = list(inspect.signature(LABOLossFunction.__init__).parameters.values())[1:]
+    assert list(inspect.signature(labo_loss_func).parameters.values()) == constructor
+    loss_fn = labo_loss_func("label_smoothing", 0.2, shift_labels=False, ignore_index=-1)
+    assert isinstance(loss_fn, LABOLossFunction) and loss_fn.shift_labels is False
+    assert loss_fn.config == LossConfig("label_smoothing", 0.2, None, -1)
+    assert LABOLossFunction.from_config(loss_fn.config).config == loss_fn.config
+
+
+def test_trainer_exposes_its_loss_function_read_only(tmp_path):
+    from conftest import common_args
+    from transformers import TrainingArguments
+
+    from labo_hf import LABOLossFunction, LABOTrainer
+
+    trainer = LABOTrainer(model=tiny_llama(), args=TrainingArguments(**common_args(str(tmp_path))),
+                          data_collator=collate)
+    loss_fn = trainer.labo_loss_function
+    assert isinstance(loss_fn, LABOLossFunction) and loss_fn.shift_labels is True  # a causal LM
+    assert loss_fn.config.regularizer == trainer.label_regularization.regularizer
+    with pytest.raises(AttributeError):
+        trainer.labo_loss_function = labo_loss_func()
+    with pytest.raises(ValueError, match="split must be"):
+        trainer.record_loss_stats(loss_fn.last_stats, "test")

@@ -145,7 +145,7 @@ def test_labo_sft_trainer_fused_linear_trains_the_same_without_the_logit_metrics
         trainer = LABOSFTTrainer(model=TASKS["llama"].make_model(), args=config,
                                  train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=_char_tokenizer())
         trainer.train()
-        assert trainer._labo_loss_fn.last_fused == fused
+        assert trainer.labo_loss_function.last_fused == fused
         trainers.append(trainer)
     for a, b in zip(*(t.model.parameters() for t in trainers), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

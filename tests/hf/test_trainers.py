@@ -419,29 +419,7 @@ def test_package_exports_the_trainer_glue():
     assert labo_hf.LABOSeq2SeqTrainingArguments is LABOSeq2SeqTrainingArguments
     # The type of the public `label_regularization` attribute is public too.
     assert labo_hf.LabelRegularization is LabelRegularization
-    assert set(labo_hf.__all__) <= set(dir(labo_hf)) | set(labo_hf._LAZY)
-
-
-# ---- model card ----
-
-
-def test_model_card_names_the_regularizer_and_its_hyperparameters(tmp_path):
-    args = LABOTrainingArguments(**common_args(str(tmp_path)), label_regularizer_alpha=0.2, labo_temperature=1.5)
-    model = TASKS["vit"].make_model()
-    trainer = LABOTrainer(model=model, args=args, data_collator=collate)
-    trainer.create_model_card(tags=["my-tag"], dataset="toy")
-    card = (tmp_path / "README.md").read_text(encoding="utf-8")
-    for tag in ["my-tag", "labo", "label-regularizer-labo", "label-regularizer-alpha-0.2", "labo-temperature-1.5"]:
-        assert f"- {tag}\n" in card
-    assert "This model was trained from scratch on the toy dataset." in card
-    assert "## Label regularization (LABO)" in card
-    assert "- label_regularizer_alpha: 0.2\n- labo_temperature: 1.5\n" in card
-    # The paper, trl-style: linked and cited in BibTeX.
-    assert "https://arxiv.org/abs/2305.04971" in card and "@inproceedings{lu2023labo," in card
-    assert model.config._name_or_path == ""  # only borrowed while the card was written
-    # push_to_hub regenerates the card through create_model_card: the section is written once.
-    trainer.create_model_card(dataset="toy")
-    assert (tmp_path / "README.md").read_text(encoding="utf-8").count("## Label regularization (LABO)") == 1
+    assert all(hasattr(labo_hf, name) for name in labo_hf.__all__)  # directly or lazily (trl)
 
 
 def test_cpu_training_warns_nothing_about_pin_memory(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for the fused Triton kernels (labo_hf/kernels/triton_rows.py, through the labo_hf/triton_kernels.py shim).
+"""Tests for the fused Triton kernels (labo_hf/kernels/triton_rows.py, through tests/_fused_rows.py).
 
 Interpreter tests run the kernel on CPU tensors through the Triton interpreter on small
 shapes with a small block, so that K is never a multiple of the block. Triton fixes its mode
@@ -26,7 +26,16 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed; the fused Triton kernel is optional")
 
-from labo_hf.kernels.triton_rows import INTERPRETED, triton_fused_rows  # noqa: E402
+from _fused_rows import fused_rows  # noqa: E402
+
+from labo_hf.kernels import triton_rows  # noqa: E402
+from labo_hf.kernels.triton_rows import INTERPRETED  # noqa: E402
+
+
+def triton_fused_rows(logits, labels, **kwargs):
+    return fused_rows(triton_rows, logits, labels, **kwargs)
+
+
 
 IGNORE = -100
 REGULARIZERS = ("labo", "label_smoothing", "cross_entropy")

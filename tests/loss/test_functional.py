@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _fused_rows import fused_rows
 from scipy.optimize import minimize
 
-from labo_hf.kernels.torch_rows import fused_rows as torch_fused_rows
-from labo_hf.loss import dispatch
-from labo_hf.loss.config import resolve_hyperparameters
+from labo_hf.kernels import torch_rows
+from labo_hf.loss.config import override_chunk_elements, resolve_hyperparameters
 from labo_hf.loss.functional import label_regularized_loss, label_regularized_loss_with_stats, labo_target
 from labo_hf.loss.reference import reference_label_regularized_loss, reference_target_distribution
 from labo_hf.loss.validation import LossStats
@@ -178,17 +178,16 @@ def test_gradient_is_p_minus_q(regularizer):
 @pytest.mark.parametrize("chunk_elements", [None, 3000])
 @pytest.mark.parametrize("regularizer", list(REGULARIZER_KWARGS))
 @pytest.mark.parametrize("num_classes", [2, 7, 1000, 70_000])
-def test_fused_path_equals_reference(regularizer, num_classes, chunk_elements, monkeypatch):
-    if chunk_elements is not None:
-        # Many chunks, the last one partial (one row per chunk for K = 70,000).
-        monkeypatch.setattr(dispatch, "_CHUNK_ELEMENTS", chunk_elements)
+def test_fused_path_equals_reference(regularizer, num_classes, chunk_elements):
     torch.manual_seed(num_classes)
     n = 3 + 70_000 // num_classes
     logits = torch.randn(n, num_classes) * 4
     labels = torch.randint(0, num_classes, (n,))
     labels[::4] = -100
     kwargs = REGULARIZER_KWARGS[regularizer]
-    loss, grad = loss_and_grad(label_regularized_loss, logits, labels, **kwargs)
+    # chunk_elements: many chunks, the last one partial (one row per chunk for K = 70,000).
+    with override_chunk_elements(kernels=chunk_elements):
+        loss, grad = loss_and_grad(label_regularized_loss, logits, labels, **kwargs)
     # The reference in float64 is more exact than either float32 computation.
     ref, ref_grad = loss_and_grad(reference_label_regularized_loss, logits.double(), labels, **kwargs)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6, abs=1e-6)
@@ -370,8 +369,8 @@ def test_evaluation_skips_gradient_buffer():
     torch.manual_seed(11)
     logits = torch.randn(5, 10)
     labels = torch.randint(0, 10, (5,))
-    rows = torch_fused_rows(logits, labels, regularizer="labo", alpha=0.1, temperature=2.0,
-                            ignore_index=-100, grad_scale=1.0, want_grad=False)
+    rows = fused_rows(torch_rows, logits, labels, regularizer="labo", alpha=0.1, temperature=2.0,
+                      ignore_index=-100, grad_scale=1.0, want_grad=False)
     assert rows.grad is None
     with torch.no_grad():
         value = label_regularized_loss(logits.requires_grad_(), labels)

@@ -581,29 +581,36 @@ class _WrongTriton:
         return True
 
 
+@pytest.fixture
+def fresh_self_check():
+    """The self-check results start empty and are forgotten afterwards (public reset, no private state)."""
+    dispatch.reset_triton_self_check()
+    yield
+    dispatch.reset_triton_self_check()
+
+
 @pytest.mark.parametrize("kernels", [_BrokenTriton, _WrongTriton])
-def test_self_check_falls_back_to_torch_and_warns_once(kernels, monkeypatch):
+def test_self_check_falls_back_to_torch_and_warns_once(kernels, monkeypatch, fresh_self_check):
     # CPU stands in for a CUDA device: the check is forced on and the "Triton" module replaced.
-    monkeypatch.setattr(dispatch, "_needs_self_check", lambda device: True)
-    monkeypatch.setattr(dispatch, "_load_triton_rows", lambda: kernels)
-    monkeypatch.setattr(dispatch, "_TRITON_SELF_CHECK", {})
+    monkeypatch.setattr(dispatch, "needs_self_check", lambda device: True)
+    monkeypatch.setattr(dispatch, "load_triton_rows", lambda: kernels)
     logits, labels = _case(8, 11)
     with pytest.warns(RuntimeWarning, match="failed its first-use check.*Falling back"):
         loss, grad = _grad(label_regularized_loss, logits, labels, 1.0, implementation="triton")
     ref_loss, ref = _grad(label_regularized_loss, logits, labels, 1.0, implementation="torch")
     assert torch.equal(loss, ref_loss) and torch.equal(grad, ref)
+    assert dispatch.triton_self_check_results() == {("cpu", "labo", logits.dtype): False}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per device, regularizer and dtype
         _grad(label_regularized_loss, logits, labels, 1.0, implementation="triton")
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1")
-def test_self_check_passes_for_the_real_triton_kernels(monkeypatch):
-    monkeypatch.setattr(dispatch, "_needs_self_check", lambda device: True)
-    monkeypatch.setattr(dispatch, "_TRITON_SELF_CHECK", {})
+def test_self_check_passes_for_the_real_triton_kernels(monkeypatch, fresh_self_check):
+    monkeypatch.setattr(dispatch, "needs_self_check", lambda device: True)
     for regularizer, kwargs in REGULARIZER_KWARGS.items():
         hyper = resolve_hyperparameters(regularizer, kwargs.get("alpha"), kwargs.get("temperature"))
-        assert dispatch._probe_triton(torch.device("cpu"), torch.bfloat16, regularizer, *hyper) is None
+        assert dispatch.probe_triton(torch.device("cpu"), torch.bfloat16, regularizer, *hyper) is None
 
 
 def test_trainer_raises_the_lazy_error_at_its_logging_step(tmp_path):
@@ -617,13 +624,13 @@ def test_trainer_raises_the_lazy_error_at_its_logging_step(tmp_path):
     trainer = LABOTrainer(model=TASKS["vit"].make_model(), args=TrainingArguments(**common_args(str(tmp_path))),
                           data_collator=collate)
     _, good = label_regularized_loss_with_stats(torch.randn(2, 3), torch.tensor([0, 2]), validate=False)
-    trainer._labo_record(good, "train")
+    trainer.record_loss_stats(good, "train")
     logs = {"loss": 1.0}
     trainer.log(logs)
     assert logs["nll"] == pytest.approx(good.nll_sum.item() / 2)
     _, bad = label_regularized_loss_with_stats(torch.randn(2, 3), torch.tensor([0, 7]), validate=False)
-    trainer._labo_record(good, "train")
-    trainer._labo_record(bad, "train")
+    trainer.record_loss_stats(good, "train")
+    trainer.record_loss_stats(bad, "train")
     with pytest.raises(ValueError, match="invalid inputs.*validate=True"):
         trainer.log({"loss": 1.0})
 

@@ -155,21 +155,21 @@ def test_fused_linear_bf16_matches_unfused_bf16_path():
         torch.testing.assert_close(got.grad.float(), ref.grad.float(), rtol=2e-2, atol=2e-3)
 
 
-def test_fused_linear_small_default_chunks_and_weight_blocks(monkeypatch):
+def test_fused_linear_small_default_chunks_and_weight_blocks():
     """With a tiny element budget the default chunk_size and the low-precision weight-gradient blocks split the
     work many times over; the results equal the one-chunk computation."""
-    import labo_hf.loss.fused_linear as fused_module
+    from labo_hf.loss.config import chunk_elements, override_chunk_elements
 
     hidden, weight, bias, labels = _hidden_problem(n=40, h=16, v=64)
     for dtype in (torch.float32, torch.bfloat16):
         leaves = [t.to(dtype).requires_grad_() for t in (hidden, weight, bias)]
         whole = [t.detach().clone().requires_grad_() for t in leaves]
         (3.0 * fused_linear_label_regularized_loss(*whole[:2], labels, whole[2], chunk_size=40)).backward()
-        monkeypatch.setattr(fused_module, "_CHUNK_ELEMENTS", 5 * 64)  # 5 rows per chunk, 20 rows of V per block
-        loss = fused_linear_label_regularized_loss(*leaves[:2], labels, leaves[2])
-        monkeypatch.undo()
+        with override_chunk_elements(fused_linear=5 * 64):  # 5 rows per chunk, 20 rows of V per block
+            assert chunk_elements("fused_linear") == 5 * 64
+            loss = fused_linear_label_regularized_loss(*leaves[:2], labels, leaves[2])
         (3.0 * loss).backward()
-        assert fused_module._CHUNK_ELEMENTS == 1 << 24
+        assert chunk_elements("fused_linear") == 1 << 24
         tol = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
         for got, ref in zip(leaves, whole, strict=True):
             assert got.grad.dtype == dtype
@@ -238,3 +238,41 @@ def test_fused_linear_num_items_in_batch_is_validated_not_clamped():
     for bad in (torch.tensor(0), torch.tensor(-5), torch.tensor(float("inf")), float("inf"), -1):
         with pytest.raises(ValueError, match="num_items_in_batch"):
             fused_linear_label_regularized_loss(hidden.float(), weight.float(), labels, num_items_in_batch=bad)
+
+
+def test_modules_hold_one_frozen_config():
+    from labo_hf.loss.config import LossConfig
+
+    loss_fn = LABOLoss(regularizer="label_smoothing", alpha=0.2, reduction="sum")
+    assert loss_fn.config == LossConfig("label_smoothing", 0.2)
+    assert (loss_fn.regularizer, loss_fn.alpha, loss_fn.temperature, loss_fn.ignore_index) == (
+        "label_smoothing", 0.2, None, IGNORE)
+    assert "alpha=0.2" in repr(loss_fn) and "reduction='sum'" in repr(loss_fn)
+    with pytest.raises(AttributeError):
+        loss_fn.alpha = 0.3  # a setting changed after the fact would silently not reach the loss
+    assert FusedLinearLABOLoss().config == LossConfig("labo", 0.1, 2.0)
+    with pytest.raises(ValueError, match="temperature"):
+        FusedLinearLABOLoss(regularizer="cross_entropy", temperature=2.0)
+    with pytest.raises(ValueError, match="ignore_index"):
+        LABOLoss(ignore_index=1.5)
+
+
+def test_fused_linear_label_range_is_checked_once_and_only_when_validating():
+    from labo_hf.loss.validation import check_loss_stats
+
+    hidden, weight, bias, labels = _hidden_problem()
+    bad = labels.clone()
+    bad[1] = weight.shape[0] + 3
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, {weight.shape[0]}\).*found \[{weight.shape[0] + 3}\]"):
+        fused_linear_label_regularized_loss_with_stats(hidden, weight, bad, bias, validate=True)
+    # Unvalidated (the default on GPUs: no host sync), the call returns NaN and poisons its statistics; the
+    # logging step's check raises the ValueError then.
+    h = hidden.float().requires_grad_()
+    loss, stats = fused_linear_label_regularized_loss_with_stats(h, weight.float(), bad, bias.float(), validate=False)
+    assert loss.isnan() and stats.num_kept.isnan()
+    with pytest.raises(ValueError, match="invalid inputs"):
+        check_loss_stats(stats)
+    # Valid labels unvalidated: the same values as validated.
+    valid = [fused_linear_label_regularized_loss_with_stats(hidden, weight, labels, bias, validate=v) for v in (True, False)]
+    torch.testing.assert_close(valid[0][0], valid[1][0])
+    torch.testing.assert_close(torch.stack(valid[0][1]), torch.stack(valid[1][1]))
