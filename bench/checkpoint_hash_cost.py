@@ -1,0 +1,118 @@
+"""Cost of the content hashes in labo-hf checkpoint manifests, relative to the checkpoint save itself.
+
+Model: MarianMTModel from config (d_model 512, 6+6 layers, 8 heads, FFN 2048, V=58101; the size of
+Helsinki-NLP/opus-mt-de-en, ~74M parameters), random weights, one AdamW step so that the optimizer state
+is saved too. The timed operation is `LABOSeq2SeqTrainer._save_checkpoint` (weights, optimizer, scheduler,
+RNG state, trainer state, manifest, atomic rename), with the manifest's SHA-256 of every file and with the
+hashing replaced by nothing; the two alternate so that background load hits them alike, and the medians
+are compared. Target: the hashes add at most 5% to the save time.
+
+    python bench/checkpoint_hash_cost.py              # the Marian-base size on CPU, 5 saves each way
+    python bench/checkpoint_hash_cost.py --dry_run    # a tiny model, one save each way (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, describe_machine, machine_info, write_jsonl  # noqa: E402
+
+MARIAN_BASE = dict(vocab_size=58101, d_model=512, layers=6, heads=8, ffn=2048)
+TINY = dict(vocab_size=100, d_model=16, layers=1, heads=2, ffn=32)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry_run", action="store_true", help="tiny model, one save each way")
+    p.add_argument("--repeats", type=int, default=5, help="saves timed with and without hashing (each)")
+    p.add_argument("--dir", default=None, help="where checkpoints are written (default: a temporary folder)")
+    p.add_argument("--out_dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--tag", default="cpu")
+    return p.parse_args(argv)
+
+
+def build_trainer(size: dict, output_dir: str):
+    import torch
+    from transformers import MarianConfig, MarianMTModel
+
+    from labo_hf import LABOSeq2SeqTrainer, LABOSeq2SeqTrainingArguments
+
+    torch.manual_seed(0)
+    config = MarianConfig(
+        vocab_size=size["vocab_size"], decoder_vocab_size=size["vocab_size"], d_model=size["d_model"],
+        encoder_layers=size["layers"], decoder_layers=size["layers"], encoder_attention_heads=size["heads"],
+        decoder_attention_heads=size["heads"], encoder_ffn_dim=size["ffn"], decoder_ffn_dim=size["ffn"],
+        max_position_embeddings=64, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        share_encoder_decoder_embeddings=True,
+    )
+    model = MarianMTModel(config)
+    examples = [{"input_ids": [5, 6, 7, 1], "attention_mask": [1] * 4, "labels": [8, 9, 1]} for _ in range(2)]
+
+    def collate(batch):
+        return {key: torch.tensor([example[key] for example in batch]) for key in batch[0]}
+
+    args = LABOSeq2SeqTrainingArguments(
+        output_dir=output_dir, label_regularizer="cross_entropy", max_steps=1, per_device_train_batch_size=2,
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, logging_strategy="no",
+    )
+    trainer = LABOSeq2SeqTrainer(model=model, args=args, train_dataset=examples, data_collator=collate)
+    trainer.train()
+    return trainer, sum(p.numel() for p in model.parameters())
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import labo_hf.hf.checkpoints as checkpoints
+
+    size = TINY if args.dry_run else MARIAN_BASE
+    repeats = 1 if args.dry_run else args.repeats
+    real_digest = checkpoints.file_digest
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        trainer, params = build_trainer(size, folder)
+        times = {"hashed": [], "unhashed": []}
+        for _ in range(repeats + 1):  # the first pair warms up the page cache and allocator
+            for mode in ("unhashed", "hashed"):
+                checkpoints.file_digest = real_digest if mode == "hashed" else (lambda path: "")
+                start = time.perf_counter()
+                trainer._save_checkpoint(trainer.model, None)
+                times[mode].append(time.perf_counter() - start)
+        checkpoints.file_digest = real_digest
+        saved = os.path.join(folder, "checkpoint-1")
+        names = [name for name in os.listdir(saved) if os.path.isfile(os.path.join(saved, name))]
+        saved_bytes = sum(os.path.getsize(os.path.join(saved, name)) for name in names)
+        throughput = {}
+        for algorithm in ("sha256", "blake2b"):
+            start = time.perf_counter()
+            for name in names:
+                digest = hashlib.new(algorithm)
+                with open(os.path.join(saved, name), "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        digest.update(chunk)
+            throughput[algorithm] = saved_bytes / (time.perf_counter() - start) / 1e6
+    hashed, unhashed = statistics.median(times["hashed"][1:]), statistics.median(times["unhashed"][1:])
+    info = machine_info()
+    record = {
+        "bench": "checkpoint_hash_cost", "dry_run": args.dry_run, "parameters": params, "saved_bytes": saved_bytes,
+        "repeats": repeats, "save_seconds_unhashed": unhashed, "save_seconds_hashed": hashed,
+        "hash_cost_ratio": (hashed - unhashed) / unhashed, "hash_mb_per_s": throughput,
+        "all_seconds": times, "machine": describe_machine(info), **info,
+    }
+    print(f"{params / 1e6:.1f}M parameters, checkpoint {saved_bytes / 1e6:.0f} MB on {record['machine']}")
+    print(f"save without hashes {unhashed:.3f} s, with SHA-256 hashes {hashed:.3f} s: "
+          f"hash cost ratio {record['hash_cost_ratio']:.3f} (target <= 0.05)")
+    print("hash throughput, MB/s: " + ", ".join(f"{k} {v:.0f}" for k, v in throughput.items()))
+    name = f"checkpoint_hash_cost_{'tiny' if args.dry_run else args.tag}.jsonl"
+    write_jsonl(args.out_dir / name, [record])
+    return record
+
+
+if __name__ == "__main__":
+    main()
