@@ -105,6 +105,7 @@ from transformers import (
 
 from labo_hf import LABOTrainer, LABOTrainingArguments
 from labo_hf.analysis.metrics import classification_metrics
+from labo_hf.examples.cli_args import apply_config_overrides
 from labo_hf.examples.data_checks import check_images
 from labo_hf.examples.image_data import (
     AugmentationEpochCallback,
@@ -418,7 +419,7 @@ def load_model(model_args: ModelArguments, class_names: list[str], do_train: boo
             config.update(SMALL_VIT_CONFIG)
         if model_args.config_overrides is not None:
             logger.info(f"Overriding config: {model_args.config_overrides}")
-            config.update_from_string(model_args.config_overrides)
+            apply_config_overrides(config, model_args.config_overrides)
         config.num_labels, config.label2id, config.id2label = len(class_names), label2id, id2label
         logger.info(f"Training a new {config.model_type} model from scratch: {config}")
 

@@ -19,7 +19,14 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-__all__ = ["ExampleDataArguments", "ExampleModelArguments", "HelpFormatter", "argument", "parse_args"]
+__all__ = [
+    "ExampleDataArguments",
+    "ExampleModelArguments",
+    "HelpFormatter",
+    "apply_config_overrides",
+    "argument",
+    "parse_args",
+]
 
 ARGUMENT_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 
@@ -124,6 +131,23 @@ class ExampleDataArguments:
                 raise ValueError(f"--{flag} must be at least 1, got {value}.")
 
 
+def apply_config_overrides(config: Any, overrides: str) -> None:
+    """Apply --config_overrides ("key=value,...") to a from-scratch `config`; a key the config lacks (a typo) or
+    a value of the wrong type is a ``ValueError`` naming the flag."""
+    try:
+        config.update_from_string(overrides)
+    except ValueError as err:
+        raise ValueError(f"--config_overrides={overrides!r}: {err}") from err
+
+
+def _check_counts(instances: Sequence[Any]) -> None:
+    # transformers divides by it deep inside training (ZeroDivisionError) instead of refusing it up front.
+    for instance in instances:
+        steps = getattr(instance, "gradient_accumulation_steps", 1)
+        if isinstance(steps, int) and steps < 1:
+            raise ValueError(f"--gradient_accumulation_steps must be at least 1, got {steps}.")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows the script's docstring verbatim (its commands stay copy-pasteable) and every default."""
 
@@ -156,20 +180,25 @@ def parse_args(
         # parse_dict converts nothing, so give the defaults the types the command line would produce.
         typed_defaults = {key: _typed(parser, key, value) for key, value in defaults.items()}
         instances = tuple(parser.parse_dict({**typed_defaults, **file_arguments}))
+        _check_counts(instances)
         for instance in instances:
             if isinstance(instance, ExampleDataArguments):
                 # An input of the run: --overwrite_output_dir must not delete it (`runtime.run_inputs`).
                 instance.argument_file = os.path.abspath(argv[0])
         return instances, defaults
     if script_defaults is None:
-        return tuple(parser.parse_args_into_dataclasses(args=argv)), {}
+        instances = tuple(parser.parse_args_into_dataclasses(args=argv))
+        _check_counts(instances)
+        return instances, {}
     # First parse: validates the command line (and answers --help, with the real defaults).
     parsed = parser.parse_args_into_dataclasses(args=argv)
     values = {key: value for instance in parsed for key, value in vars(instance).items()}
     defaults = script_defaults(_explicit_cli_dests(parser, argv), values)
     # The defaults come first, so that nothing the user typed can be overridden by them.
     default_flags = [token for key, value in defaults.items() for token in (f"--{key}", value)]
-    return tuple(parser.parse_args_into_dataclasses(args=default_flags + argv)), defaults
+    instances = tuple(parser.parse_args_into_dataclasses(args=default_flags + argv))
+    _check_counts(instances)
+    return instances, defaults
 
 
 def _check_argument_file_keys(name: str, arguments: dict[str, Any], dataclass_types: Sequence[type]) -> None:
