@@ -35,14 +35,16 @@ def _still_ours(path: str, fd: int) -> bool:
         return False
 
 
-def lock_output_dir(folder: str, flag: str = "--output_dir") -> None:
+def lock_output_dir(folder: str, flag: str = "--output_dir") -> bool:
     """Take the run lock of `folder` (created if needed) for this process, or raise ``ValueError`` naming the
-    process that holds it. Taking it again from the same process is a no-op."""
+    process that holds it. Taking it again from the same process is a no-op. Returns whether the lock file was
+    created by this call (`unlock_output_dir` can then remove it, leaving a refused folder as it was)."""
     os.makedirs(folder, exist_ok=True)
     path = _lock_path(folder)
     held = _HELD.get(path)
     if held is not None and (not isinstance(held, int) or _still_ours(path, held)):
-        return
+        return False
+    created = not os.path.lexists(path)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -54,7 +56,7 @@ def lock_output_dir(folder: str, flag: str = "--output_dir") -> None:
         except filelock.Timeout as err:
             raise ValueError(f"{flag}={folder!r} is in use by another run (it holds {path}).") from err
         _HELD[path] = lock
-        return
+        return created
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags, 0o644)
@@ -73,14 +75,22 @@ def lock_output_dir(folder: str, flag: str = "--output_dir") -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     _HELD[path] = fd
+    return created
 
 
-def unlock_output_dir(folder: str) -> None:
-    """Release the run lock of `folder` held by this process (the file stays: removing it would race with a
-    contender that has just opened it)."""
-    held = _HELD.pop(_lock_path(folder), None)
+def unlock_output_dir(folder: str, remove_file: bool = False) -> None:
+    """Release the run lock of `folder` held by this process. The file stays unless `remove_file` (for a run
+    refused before it wrote anything): removing it races with a contender that has just opened it, which
+    matters only for runs allowed to proceed."""
+    path = _lock_path(folder)
+    held = _HELD.pop(path, None)
     if held is None:
         return
+    if remove_file:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
     if isinstance(held, int):
         os.close(held)  # closing the descriptor releases the flock
     else:  # pragma: no cover - Windows

@@ -151,11 +151,15 @@ def start_run(
     # The process that saves for this filesystem locks and empties the folder before the others look at it;
     # the folder is claimed (its run record written) only once training starts (`train_evaluate_predict`).
     with training_args.main_process_first(local=training_args.save_on_each_node, desc="checking --output_dir"):
-        if training_args.should_save:
-            lock_output_dir(training_args.output_dir)
-        prepare_output_dir(training_args.output_dir, identity, overwrite=data_args.overwrite_output_dir,
-                           is_main_process=training_args.should_save, logger=script_logger,
-                           inputs=run_inputs(model_args, data_args, training_args))  # fmt: skip
+        created_lock = training_args.should_save and lock_output_dir(training_args.output_dir)
+        try:
+            prepare_output_dir(training_args.output_dir, identity, overwrite=data_args.overwrite_output_dir,
+                               is_main_process=training_args.should_save, logger=script_logger,
+                               inputs=run_inputs(model_args, data_args, training_args))  # fmt: skip
+        except BaseException:
+            if training_args.should_save:  # refused: the folder is left as it was found
+                unlock_output_dir(training_args.output_dir, remove_file=created_lock)
+            raise
     checkpoint = resolve_checkpoint(training_args, script_logger)
     if checkpoint is not None:
         check_same_run(
@@ -222,7 +226,6 @@ def _stages(
 
     if args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()  # with the tokenizer or image processor, so the folder reloads with Auto classes
         train_metrics = {**train_result.metrics, "train_samples": len(trainer.train_dataset)}
         if getattr(trainer, "resumed_complete_run", False):
             # The rerun of a finished run trained nothing: the results of the run are the ones it wrote then,
@@ -231,6 +234,7 @@ def _stages(
                              or read_run_outputs(args.output_dir).get("train_metrics") or train_metrics)
         elif args.should_save:
             add_run_outputs(args.output_dir, train_metrics=train_metrics)
+        trainer.save_model()  # with the tokenizer or image processor, so the folder reloads with Auto classes
         report("train", train_metrics)
         trainer.save_state()
     if args.do_eval:
