@@ -5,22 +5,21 @@ life. The kernel releases it when the process ends, however it ends (SIGKILL inc
 dead process never blocks the next run. The holder writes its PID and host into the file, so that a second
 run is refused naming the process to wait for.
 
-Why not the `filelock` package (installed with datasets and huggingface_hub): its Unix lock opens the file
-with ``O_TRUNC`` before trying to lock it, so every refused contender would erase the holder's PID, which
-the refusal is meant to name. On systems without ``fcntl`` (Windows) `filelock.FileLock` is used, without
-the PID.
+Why not the `filelock` package (installed with huggingface_hub): its Unix lock opens the file with
+``O_TRUNC`` before trying to lock it, so every refused contender would erase the holder's PID, which the
+refusal is meant to name. Without ``fcntl`` (Windows) no lock is taken, with a warning.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+import warnings
 
 __all__ = ["LOCK_NAME", "lock_output_dir", "unlock_output_dir"]
 
 LOCK_NAME = ".labo_run.lock"
-_HELD: dict[str, Any] = {}  # real folder path -> open file descriptor (or filelock object) of its lock
+_HELD: dict[str, int] = {}  # real lock-file path -> the open file descriptor holding its flock
 
 
 def _lock_path(folder: str) -> str:
@@ -39,24 +38,22 @@ def lock_output_dir(folder: str, flag: str = "--output_dir") -> bool:
     """Take the run lock of `folder` (created if needed) for this process, or raise ``ValueError`` naming the
     process that holds it. Taking it again from the same process is a no-op. Returns whether the lock file was
     created by this call (`unlock_output_dir` can then remove it, leaving a refused folder as it was)."""
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag}={folder!r} cannot be made a folder ({err.strerror or err}).") from err
     path = _lock_path(folder)
     held = _HELD.get(path)
-    if held is not None and (not isinstance(held, int) or _still_ours(path, held)):
-        return False
+    if held is not None:
+        if _still_ours(path, held):
+            return False
+        os.close(_HELD.pop(path))
     created = not os.path.lexists(path)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        import filelock
-
-        lock = filelock.FileLock(path, timeout=0)
-        try:
-            lock.acquire()
-        except filelock.Timeout as err:
-            raise ValueError(f"{flag}={folder!r} is in use by another run (it holds {path}).") from err
-        _HELD[path] = lock
-        return created
+        warnings.warn("No fcntl on this system: two runs in one --output_dir are not prevented.", stacklevel=2)
+        return False
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags, 0o644)
@@ -91,7 +88,4 @@ def unlock_output_dir(folder: str, remove_file: bool = False) -> None:
             os.unlink(path)
         except OSError:
             pass
-    if isinstance(held, int):
-        os.close(held)  # closing the descriptor releases the flock
-    else:  # pragma: no cover - Windows
-        held.release()
+    os.close(held)  # closing the descriptor releases the flock

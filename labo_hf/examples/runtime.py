@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +38,7 @@ from labo_hf.examples.launch import (
     hub_load_errors,
     resolve_checkpoint,
 )
-from labo_hf.examples.output_folder import claim_output_dir, prepare_output_dir
+from labo_hf.examples.output_folder import TOKENIZER_STAGING, claim_output_dir, prepare_output_dir
 from labo_hf.hf.run_record import (
     add_run_outputs,
     check_same_run,
@@ -201,8 +202,11 @@ def train_evaluate_predict(
     """
     args = trainer.args
     try:
-        return _stages(trainer, checkpoint, predict_dataset, eval_kwargs, predict_kwargs, predict_metrics,
-                       write_predictions, model_card)
+        metrics = _stages(trainer, checkpoint, predict_dataset, eval_kwargs, predict_kwargs, predict_metrics,
+                          write_predictions, model_card)
+        if args.should_save:  # every process loaded the tokenizer shared there long ago
+            shutil.rmtree(os.path.join(args.output_dir, TOKENIZER_STAGING), ignore_errors=True)
+        return metrics
     finally:
         if args.should_save:
             unlock_output_dir(args.output_dir)
