@@ -41,6 +41,7 @@ __all__ = [
     "file_digest",
     "find_last_complete_checkpoint",
     "publish_checkpoint",
+    "unloadable_checkpoint_error",
 ]
 
 MANIFEST_NAME = "labo_checkpoint_manifest.json"
@@ -235,6 +236,20 @@ def checkpoint_load_problems(folder: str) -> list[str]:
             reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
             problems.append(f"{name} (unreadable: {reason})")
     return problems
+
+
+def unloadable_checkpoint_error(folder: str, err: BaseException) -> ValueError:
+    """The ``ValueError`` for a checkpoint whose files passed the checks above but failed to load. torch's advice
+    to retry with ``weights_only=False`` (which runs whatever code a tampered file holds) is never passed on."""
+    text = str(err).strip()
+    if "weights_only" in text or "weights only" in text.lower():
+        reason = "it holds objects that torch does not load safely"
+    else:
+        reason = (text.splitlines()[0][:200] if text else "") or type(err).__name__
+    return ValueError(
+        f"Checkpoint {folder!r} could not be loaded ({reason}): it is damaged, or was not written by this training "
+        "setup. Resume from an earlier checkpoint-* folder, or start a new run."
+    )
 
 
 def check_checkpoint_complete(folder: str, flag: str = "--resume_from_checkpoint") -> None:

@@ -11,7 +11,8 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -29,6 +30,7 @@ from labo_hf.hf.checkpoints import (
     find_last_complete_checkpoint,
     hash_in_background,
     publish_checkpoint,
+    unloadable_checkpoint_error,
 )
 from labo_hf.hf.run_record import (
     add_run_outputs,
@@ -42,6 +44,20 @@ from labo_hf.hf.safe_files import raise_if_disk_full
 logger = logging.get_logger(__name__)
 
 __all__ = ["RunGuardMixin"]
+
+
+@contextmanager
+def _named_load_errors(folder: str | None) -> Iterator[None]:
+    # A checkpoint without content hashes (plain transformers) can still fail inside torch.load; say which one,
+    # without torch's advice to load it unsafely.
+    try:
+        yield
+    except (ValueError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to read the files
+        if folder is None:
+            raise
+        raise unloadable_checkpoint_error(folder, err) from None
 
 _TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
 
@@ -256,11 +272,20 @@ class RunGuardMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         # `model` is only passed for DeepSpeed/FSDP/SageMaker, left to transformers.
-        if model is None and self._labo_needs_weight_conversion(resume_from_checkpoint):
-            logger.info(f"Loading model weights from {resume_from_checkpoint} (with weight-name conversion).")
-            reload_weights_with_conversion(self.model, resume_from_checkpoint)
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        with _named_load_errors(resume_from_checkpoint):
+            if model is None and self._labo_needs_weight_conversion(resume_from_checkpoint):
+                logger.info(f"Loading model weights from {resume_from_checkpoint} (with weight-name conversion).")
+                reload_weights_with_conversion(self.model, resume_from_checkpoint)
+                return
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        with _named_load_errors(checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        with _named_load_errors(checkpoint):
+            super()._load_rng_state(checkpoint)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint

@@ -438,3 +438,17 @@ def test_image_script_names_the_flag(tmp_path, extra, message):
         run_image_classification.main([*IMAGE_VIT, "--train_dir", str(tmp_path / "train"), "--output_dir", str(out),
                                        *extra])
     assert not (out / RUN_RECORD_NAME).exists()
+
+
+def test_a_checkpoint_torch_refuses_to_unpickle_is_named_without_unsafe_advice(finished_run, tmp_path):
+    from fractions import Fraction
+
+    data, run = finished_run
+    out = _copy(run, tmp_path / "out")
+    (out / "checkpoint-4" / "labo_checkpoint_manifest.json").unlink()  # as plain transformers saves it
+    # A well-formed torch file (its zip CRCs pass) holding an object torch's safe loader refuses.
+    torch.save({"state": Fraction(1, 2)}, out / "checkpoint-4" / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"checkpoint-4' could not be loaded \(it holds objects that torch does not "
+                                         r"load safely\)") as error:
+        run_translation.main(args_for(data, out, resume_from_checkpoint=out / "checkpoint-4"))
+    assert "weights_only" not in str(error.value) and error.value.__cause__ is None
