@@ -113,10 +113,10 @@ def main(argv=None) -> dict:
                 trainer._labo_wait_for_hashes()
                 if mode == "hashed":
                     times["hashing_after_save"].append(time.perf_counter() - start - times[mode][-1])
+                    with open(os.path.join(folder, "checkpoint-1", "labo_checkpoint_manifest.json")) as f:
+                        assert '"sha256"' in f.read(), "the background hashes did not reach the manifest"
         run_guard.hash_in_background = real_start
         saved = os.path.join(folder, "checkpoint-1")
-        manifest = open(os.path.join(saved, "labo_checkpoint_manifest.json")).read()
-        assert '"sha256"' in manifest, "the background hashes did not reach the manifest"
         names = [name for name in os.listdir(saved) if os.path.isfile(os.path.join(saved, name))]
         saved_bytes = sum(os.path.getsize(os.path.join(saved, name)) for name in names)
         throughput = {}

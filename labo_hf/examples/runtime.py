@@ -204,11 +204,11 @@ def train_evaluate_predict(
     try:
         metrics = _stages(trainer, checkpoint, predict_dataset, eval_kwargs, predict_kwargs, predict_metrics,
                           write_predictions, model_card)
-        if args.should_save:  # every process loaded the tokenizer shared there long ago
+        if getattr(args, "should_save", False):  # every process loaded the tokenizer shared there long ago
             shutil.rmtree(os.path.join(args.output_dir, TOKENIZER_STAGING), ignore_errors=True)
         return metrics
     finally:
-        if args.should_save:
+        if getattr(args, "should_save", False):
             unlock_output_dir(args.output_dir)
 
 
@@ -219,7 +219,7 @@ def _stages(
 ) -> dict[str, float]:
     args = trainer.args
     all_metrics: dict[str, float] = {}
-    if args.should_save:
+    if getattr(args, "should_save", False):
         # Every input is loaded: the run now claims the folder (writes its run record).
         claim_output_dir(args.output_dir, trainer.run_identity)
 
