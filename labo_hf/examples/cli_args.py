@@ -116,9 +116,11 @@ class ExampleDataArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Delete the contents of --output_dir and start a new run there. Without it, a non-empty "
-            "--output_dir must hold this same run (same regularizer, alpha, T, model and training data), which "
-            "resumes from its newest complete checkpoint; any other non-empty folder is refused."
+            "help": "Delete what earlier labo-hf runs wrote in --output_dir (the entries its labo_run.json lists) "
+            "and start a new run there; if the folder holds anything else, or an input of this run, nothing is "
+            "deleted and the run is refused. Without it, a non-empty --output_dir must hold this same run (same "
+            "regularizer, alpha, T, model and training data), which resumes from its newest intact checkpoint; "
+            "any other non-empty folder is refused."
         },
     )
 

@@ -43,7 +43,7 @@ TOKENIZER_STAGING = ".labo-trained-tokenizer"
 # What labo-hf writes under fixed names before a claim, or transiently: ours by name, record or not.
 _OWN_NAMES = {RUN_RECORD_NAME, RUN_RECORD_NAME + ".partial", LOCK_NAME, TOKENIZER_STAGING}
 _OWN_PATTERN = re.compile(r"^\.tmp-(replaced-)?checkpoint-\d+$")
-_ADVICE = "Choose another --output_dir, or pass --overwrite_output_dir to delete its contents and start over."
+_ADVICE = "Choose another --output_dir, or pass --overwrite_output_dir to delete what labo-hf runs wrote there and start over."
 
 
 def _is_own_by_name(name: str) -> bool:

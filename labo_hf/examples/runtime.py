@@ -135,7 +135,7 @@ def start_run(
     """Logging, the multi-process launch check, the output folder, the checkpoint to resume from, and the seed.
 
     --output_dir must be new, empty, or hold this same run (`labo_hf.examples.output_folder.prepare_output_dir`;
-    --overwrite_output_dir empties it). Returns the checkpoint for ``trainer.train(resume_from_checkpoint=...)``
+    --overwrite_output_dir deletes what labo-hf runs wrote there). Returns the checkpoint for ``trainer.train(resume_from_checkpoint=...)``
     (--resume_from_checkpoint, else the newest complete one in --output_dir when training, else None) and the
     run's identity, for the trainer's ``run_identity``.
     """
