@@ -239,7 +239,8 @@ class RunGuardMixin:
             super()._save_checkpoint(model, trial)
         except BaseException as err:
             # Nothing partial stays behind: the rerun resumes from the previous checkpoint.
-            shutil.rmtree(staging_root, ignore_errors=True)
+            if self.args.should_save:
+                shutil.rmtree(staging_root, ignore_errors=True)
             raise_if_disk_full(err, staged, f"checkpoint {name}")
             raise
         finally:
