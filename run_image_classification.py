@@ -101,6 +101,7 @@ from transformers import (
 
 from labo_hf import LABOTrainer, LABOTrainingArguments
 from labo_hf.analysis.metrics import classification_metrics
+from labo_hf.examples.cli_args import apply_config_overrides
 from labo_hf.examples.data_checks import check_images
 from labo_hf.examples.early_checks import check_sources, check_trainer_flags, one_thread_for_small_model
 from labo_hf.examples.image_data import (
@@ -462,10 +463,8 @@ def _scratch_config(model_args: ModelArguments) -> Any:
     if model_args.uses_small_vit:
         config.update(SMALL_VIT_CONFIG)
     if model_args.config_overrides is not None:
-        try:
-            config.update_from_string(model_args.config_overrides)
-        except ValueError as err:
-            raise ValueError(f"--config_overrides={model_args.config_overrides!r}: {err}") from err
+        logger.info(f"Overriding config: {model_args.config_overrides}")
+        apply_config_overrides(config, model_args.config_overrides)
     return config
 
 
