@@ -97,21 +97,25 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
-    TrainerCallback,
 )
 
 from labo_hf import LABOTrainer, LABOTrainingArguments
 from labo_hf.analysis.metrics import classification_metrics
+from labo_hf.examples.cli_args import apply_config_overrides
 from labo_hf.examples.data_checks import check_images
 from labo_hf.examples.early_checks import check_sources, check_trainer_flags, one_thread_for_small_model
 from labo_hf.examples.image_data import (
     AugmentationEpochCallback,
     ProcessedImageDataset,
     RandomCropFlip,
+    SaveFinalStepCallback,
     check_image_folder,
     collate_fn,
     load_digits_dataset,
     load_image_folders,
+    processed_size,
+    scratch_image_processor,
+    scratch_processor_class,
 )
 from labo_hf.examples.launch import hub_load_errors, shutdown_distributed
 from labo_hf.examples.launch_lines import launch_help
@@ -124,7 +128,6 @@ from labo_hf.examples.runtime import (
     start_run,
     train_evaluate_predict,
 )
-from labo_hf.hf._compat import scratch_image_processor_class
 
 logger = logging.getLogger(__name__)
 
@@ -293,7 +296,7 @@ def _check_before_work(model_args: ModelArguments, data_args: DataTrainingArgume
     if model_args.model_name_or_path is None and model_args.config_name is None:
         config = _scratch_config(model_args)
         if model_args.image_processor_name is None:
-            _scratch_processor_class(config.model_type)
+            scratch_processor_class(config.model_type)
 
 
 # ---- Data ----
@@ -448,7 +451,7 @@ def load_model(model_args: ModelArguments, class_names: list[str], do_train: boo
 
     processor_source = model_args.image_processor_name or model_args.model_name_or_path
     if processor_source is None:
-        return model, _scratch_image_processor(config)
+        return model, scratch_image_processor(config)
     flag = "--image_processor_name" if model_args.image_processor_name else "--model_name_or_path"
     with hub_load_errors(processor_source, flag, LOCAL_MODEL_HINT):
         return model, AutoImageProcessor.from_pretrained(processor_source, **model_args.hub_kwargs)
@@ -460,35 +463,9 @@ def _scratch_config(model_args: ModelArguments) -> Any:
     if model_args.uses_small_vit:
         config.update(SMALL_VIT_CONFIG)
     if model_args.config_overrides is not None:
-        try:
-            config.update_from_string(model_args.config_overrides)
-        except ValueError as err:
-            raise ValueError(f"--config_overrides={model_args.config_overrides!r}: {err}") from err
+        logger.info(f"Overriding config: {model_args.config_overrides}")
+        apply_config_overrides(config, model_args.config_overrides)
     return config
-
-
-def _scratch_processor_class(model_type: str) -> Any:
-    processor_class = scratch_image_processor_class(model_type)
-    if processor_class is None:
-        raise ValueError(f"No PIL image processor is known for --model_type {model_type}; pass --image_processor_name")
-    return processor_class
-
-
-def _scratch_image_processor(config: Any) -> Any:
-    """The model type's own image processor (PIL backend), resizing to the config's image size."""
-    processor_class = _scratch_processor_class(config.model_type)
-    image_size = getattr(config, "image_size", None)
-    if image_size is None:
-        return processor_class()
-    return processor_class(size={"height": image_size, "width": image_size})
-
-
-def _processed_size(image_processor: Any, config: Any) -> int:
-    size = getattr(image_processor, "crop_size", None) or getattr(image_processor, "size", None) or {}
-    for key in ("height", "shortest_edge"):
-        if isinstance(size, dict) and size.get(key):
-            return int(size[key])
-    return int(getattr(config, "image_size", 224))
 
 
 # ---- Preprocessing, metrics and outputs ----
@@ -496,7 +473,7 @@ def _processed_size(image_processor: Any, config: Any) -> int:
 
 def make_augmentation(data_args: DataTrainingArguments, training_args: Any, image_processor: Any, config: Any):
     """Random crop and flip for training, or None when both are off."""
-    input_size = _processed_size(image_processor, config)
+    input_size = processed_size(image_processor, config)
     padding = data_args.random_crop_padding if data_args.random_crop_padding is not None else input_size // 8
     flip = data_args.horizontal_flip if data_args.horizontal_flip is not None else not data_args.uses_digits
     logger.info(f"Training augmentation: random crop with padding {padding}, horizontal flip {flip}")
@@ -532,17 +509,6 @@ def prediction_writer(class_names: list[str], output_dir: str):
         logger.info(f"Predictions written to {path}")
 
     return write
-
-
-class SaveFinalStepCallback(TrainerCallback):
-    """Save the final step as a checkpoint under the script's default ``--save_strategy no``: rerunning the
-    command then resumes from it, recognizes the finished run and trains nothing (`RunGuardMixin`), instead of
-    training the whole run again and overwriting its model."""
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:  # noqa: D102
-        if state.global_step >= state.max_steps:
-            control.should_save = True
-        return control
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -64,6 +64,7 @@ from labo_hf.examples.data_checks import drop_blank_text_pairs
 from labo_hf.examples.early_checks import check_sources, check_trainer_flags, one_thread_for_small_model
 from labo_hf.examples.launch import hub_load_errors, shutdown_distributed
 from labo_hf.examples.launch_lines import launch_help
+from labo_hf.examples.output_folder import TOKENIZER_STAGING
 from labo_hf.examples.runtime import (
     ExampleDataArguments,
     ExampleModelArguments,
@@ -386,14 +387,15 @@ def load_tokenizer(
     # identical ids even if training were not deterministic (--output_dir is shared, as for checkpoints).
     with training_args.main_process_first(local=False, desc="tokenizer training"):
         if training_args.process_index != 0:
-            return AutoTokenizer.from_pretrained(training_args.output_dir)
+            return AutoTokenizer.from_pretrained(os.path.join(training_args.output_dir, TOKENIZER_STAGING))
         pairs = raw_datasets["train"]["translation"]
         texts = [pair[data_args.source_key] for pair in pairs] + [pair[data_args.target_key] for pair in pairs]
         vocab_size = model_args.train_tokenizer_vocab_size or int(SCRATCH_TOKENIZER_VOCAB_SIZE)
         tokenizer_model = model_args.train_tokenizer_model or DEFAULT_TOKENIZER_MODEL
         logger.info(f"Training a {tokenizer_model} tokenizer (vocab_size={vocab_size}) on {len(texts)} texts")
         tokenizer = train_tokenizer(texts, vocab_size, tokenizer_model)
-        tokenizer.save_pretrained(training_args.output_dir)
+        # Shared through labo-hf's staging folder: the output folder is not claimed before training starts.
+        tokenizer.save_pretrained(os.path.join(training_args.output_dir, TOKENIZER_STAGING))
         return tokenizer
 
 

@@ -2,7 +2,8 @@
 task data: never imported by the library.
 
 ``runtime`` (arguments, the run's start, the train/evaluate/predict tail), ``launch`` (Hub checks, resume,
-logging, process checks), ``output_folder`` and ``data_checks`` (the output-folder guard, early data errors),
+logging, process checks), ``output_folder``, ``folder_lock`` and ``data_checks`` (the output-folder guard and
+its one-run lock, early data errors),
 ``translation_data`` and ``seq2seq_from_scratch`` (translation), ``image_data`` (image classification). They need
 the ``examples`` extra: ``pip install 'labo-hf[examples]'``.
 """

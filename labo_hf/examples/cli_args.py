@@ -6,16 +6,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import enum
 import json
 import os
+import pathlib
 import sys
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-__all__ = ["ExampleDataArguments", "ExampleModelArguments", "HelpFormatter", "argument", "order_help", "parse_args"]
+__all__ = [
+    "ExampleDataArguments",
+    "ExampleModelArguments",
+    "HelpFormatter",
+    "apply_config_overrides",
+    "argument",
+    "order_help",
+    "parse_args",
+]
 
 ARGUMENT_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 
@@ -105,9 +117,11 @@ class ExampleDataArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Delete the contents of --output_dir and start a new run there. Without it, a non-empty "
-            "--output_dir must hold this same run (same regularizer, alpha, T, model and training data), which "
-            "resumes from its newest complete checkpoint; any other non-empty folder is refused."
+            "help": "Delete what earlier labo-hf runs wrote in --output_dir (the entries its labo_run.json lists) "
+            "and start a new run there; if the folder holds anything else, or an input of this run, nothing is "
+            "deleted and the run is refused. Without it, a non-empty --output_dir must hold this same run (same "
+            "regularizer, alpha, T, model and training data), which resumes from its newest intact checkpoint; "
+            "any other non-empty folder is refused."
         },
     )
 
@@ -118,6 +132,23 @@ class ExampleDataArguments:
             value = getattr(self, flag)
             if value is not None and value < 1:
                 raise ValueError(f"--{flag} must be at least 1, got {value}.")
+
+
+def apply_config_overrides(config: Any, overrides: str) -> None:
+    """Apply --config_overrides ("key=value,...") to a from-scratch `config`; a key the config lacks (a typo) or
+    a value of the wrong type is a ``ValueError`` naming the flag."""
+    try:
+        config.update_from_string(overrides)
+    except ValueError as err:
+        raise ValueError(f"--config_overrides={overrides!r}: {err}") from err
+
+
+def _check_counts(instances: Sequence[Any]) -> None:
+    # transformers divides by it deep inside training (ZeroDivisionError) instead of refusing it up front.
+    for instance in instances:
+        steps = getattr(instance, "gradient_accumulation_steps", 1)
+        if isinstance(steps, int) and steps < 1:
+            raise ValueError(f"--gradient_accumulation_steps must be at least 1, got {steps}.")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -185,19 +216,30 @@ def parse_args(
     if len(argv) == 1 and argv[0].endswith(ARGUMENT_FILE_SUFFIXES):
         file_arguments = _read_argument_file(argv[0])
         _check_argument_file_keys(argv[0], file_arguments, dataclass_types)
+        _check_argument_file_types(argv[0], file_arguments, dataclass_types)
         defaults = script_defaults(set(file_arguments), file_arguments) if script_defaults else {}
         # parse_dict converts nothing, so give the defaults the types the command line would produce.
         typed_defaults = {key: _typed(parser, key, value) for key, value in defaults.items()}
-        return tuple(parser.parse_dict({**typed_defaults, **file_arguments})), defaults
+        instances = tuple(parser.parse_dict({**typed_defaults, **file_arguments}))
+        _check_counts(instances)
+        for instance in instances:
+            if isinstance(instance, ExampleDataArguments):
+                # An input of the run: --overwrite_output_dir must not delete it (`runtime.run_inputs`).
+                instance.argument_file = os.path.abspath(argv[0])
+        return instances, defaults
     if script_defaults is None:
-        return tuple(parser.parse_args_into_dataclasses(args=argv)), {}
+        instances = tuple(parser.parse_args_into_dataclasses(args=argv))
+        _check_counts(instances)
+        return instances, {}
     # First parse: validates the command line (and answers --help, with the real defaults).
     parsed = parser.parse_args_into_dataclasses(args=argv)
     values = {key: value for instance in parsed for key, value in vars(instance).items()}
     defaults = script_defaults(_explicit_cli_dests(parser, argv), values)
     # The defaults come first, so that nothing the user typed can be overridden by them.
     default_flags = [token for key, value in defaults.items() for token in (f"--{key}", value)]
-    return tuple(parser.parse_args_into_dataclasses(args=default_flags + argv)), defaults
+    instances = tuple(parser.parse_args_into_dataclasses(args=default_flags + argv))
+    _check_counts(instances)
+    return instances, defaults
 
 
 def _check_argument_file_keys(name: str, arguments: dict[str, Any], dataclass_types: Sequence[type]) -> None:
@@ -211,6 +253,70 @@ def _check_argument_file_keys(name: str, arguments: dict[str, Any], dataclass_ty
             close = difflib.get_close_matches(key, known, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"{name}: unknown argument(s) {', '.join(hints)}; `--help` lists every flag.")
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    """Whether a value read from a .json/.yaml file has the type `expected` (a field's annotation), as the
+    command line would have produced it: a bool is true/false (never the string "false"), a number is not
+    a bool, a string is not a number."""
+    if expected is Any:
+        return True
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, member) for member in args)
+    if origin is typing.Literal:
+        return value in args
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected in (str, pathlib.Path):
+        return isinstance(value, str)
+    if isinstance(expected, type) and issubclass(expected, enum.Enum):
+        return value in {member.value for member in expected} or isinstance(value, expected)
+    if origin in (list, tuple, Sequence) or expected in (list, tuple):
+        return isinstance(value, list) and all(_matches(item, args[0]) for item in value) if args else isinstance(value, list)
+    if origin is dict or expected is dict:
+        return isinstance(value, dict)
+    return True  # a class no file value can be (e.g. a config object): left to the dataclass itself
+
+
+def _describe_type(expected: Any) -> str:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe_type(member) for member in args))
+    if expected is bool:
+        return "a bool (true or false, unquoted)"
+    if expected is type(None):
+        return "null"
+    if origin is typing.Literal:
+        return " or ".join(repr(arg) for arg in args)
+    if isinstance(expected, type) and issubclass(expected, enum.Enum):
+        return "one of " + ", ".join(repr(member.value) for member in expected)
+    if origin in (list, tuple, Sequence):
+        return f"a list of {_describe_type(args[0])}" if args else "a list"
+    return {int: "an integer", float: "a number", str: "a string", pathlib.Path: "a string", dict: "a mapping"}.get(
+        expected, getattr(expected, "__name__", str(expected))
+    )
+
+
+def _check_argument_file_types(name: str, arguments: dict[str, Any], dataclass_types: Sequence[type]) -> None:
+    """Every value of an arguments file has its flag's type, or a ``ValueError`` names the file, the key, the
+    value and the type expected (``"overwrite_output_dir": "false"`` is a string, and a true one)."""
+    for dataclass_type in dataclass_types:
+        hints = typing.get_type_hints(dataclass_type)
+        for item in dataclasses.fields(dataclass_type):
+            if item.name in arguments and not _matches(arguments[item.name], hints.get(item.name, Any)):
+                value = arguments[item.name]
+                raise ValueError(
+                    f"{name}: {item.name!r} is {value!r} ({type(value).__name__}), but --{item.name} takes "
+                    f"{_describe_type(hints[item.name])}. Write the value as that type (e.g. true/false for a "
+                    "flag, a quoted string for text)."
+                )
 
 
 def _read_argument_file(name: str) -> dict[str, Any]:

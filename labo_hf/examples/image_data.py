@@ -18,6 +18,8 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from transformers import TrainerCallback
 
+from labo_hf.hf._compat import scratch_image_processor_class
+
 __all__ = [
     "AugmentationEpochCallback",
     "ProcessedImageDataset",
@@ -251,3 +253,36 @@ def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def scratch_processor_class(model_type: str) -> Any:
+    processor_class = scratch_image_processor_class(model_type)
+    if processor_class is None:
+        raise ValueError(f"No PIL image processor is known for --model_type {model_type}; pass --image_processor_name")
+    return processor_class
+
+
+def scratch_image_processor(config: Any) -> Any:
+    """The model type's own image processor (PIL backend), resizing to the config's image size."""
+    processor_class = scratch_processor_class(config.model_type)
+    image_size = getattr(config, "image_size", None)
+    if image_size is None:
+        return processor_class()
+    return processor_class(size={"height": image_size, "width": image_size})
+
+
+def processed_size(image_processor: Any, config: Any) -> int:
+    size = getattr(image_processor, "crop_size", None) or getattr(image_processor, "size", None) or {}
+    for key in ("height", "shortest_edge"):
+        if isinstance(size, dict) and size.get(key):
+            return int(size[key])
+    return int(getattr(config, "image_size", 224))
+
+
+class SaveFinalStepCallback(TrainerCallback):
+    """Save the final step as a checkpoint under the script's default ``--save_strategy no``: rerunning the
+    command then resumes from it, recognizes the finished run and trains nothing (`RunGuardMixin`), instead of
+    training the whole run again and overwriting its model."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:  # noqa: D102
+        if state.global_step >= state.max_steps:
+            control.should_save = True
+        return control

@@ -133,7 +133,7 @@ def resolve_checkpoint(training_args: Any, logger: logging.Logger | None = None)
     if last_checkpoint is not None and logger is not None:
         logger.info(
             f"Checkpoint detected, resuming training at {last_checkpoint}. To train from scratch instead, "
-            "choose another --output_dir, or pass --overwrite_output_dir to empty this one."
+            "choose another --output_dir, or pass --overwrite_output_dir to delete what labo-hf runs wrote there."
         )
     return last_checkpoint
 

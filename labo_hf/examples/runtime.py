@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from labo_hf.examples.cli_args import (
     argument,
     parse_args,
 )
+from labo_hf.examples.folder_lock import lock_output_dir, unlock_output_dir
 from labo_hf.examples.launch import (
     check_hub_reachable_or_local,
     check_launch_matches_world_size,
@@ -36,8 +38,14 @@ from labo_hf.examples.launch import (
     hub_load_errors,
     resolve_checkpoint,
 )
-from labo_hf.examples.output_folder import prepare_output_dir
-from labo_hf.hf.run_record import check_same_run, read_run_record
+from labo_hf.examples.output_folder import TOKENIZER_STAGING, claim_output_dir, prepare_output_dir
+from labo_hf.hf.run_record import (
+    add_run_outputs,
+    check_same_run,
+    read_run_outputs,
+    read_run_record,
+    recording_new_entries,
+)
 
 __all__ = [
     "ExampleDataArguments",
@@ -47,6 +55,7 @@ __all__ = [
     "load_hub_or_local",
     "parse_args",
     "run_identity",
+    "run_inputs",
     "start_run",
     "train_evaluate_predict",
 ]
@@ -70,6 +79,22 @@ _MODEL_IDENTITY_FIELDS = ("model_name_or_path", "model_type", "config_name", "co
 _DATA_IDENTITY_FIELDS = ("dataset_name", "dataset_config_name", "train_dir", "train_file", "train_prefix",
                          "max_train_samples", "train_val_split", "source_lang", "target_lang")
 _PATH_FIELDS = {"train_dir", "train_file", "train_prefix"}
+# Every field, of either script, that names something the run reads: --overwrite_output_dir must not delete it.
+_INPUT_FIELDS = ("model_name_or_path", "config_name", "tokenizer_name", "image_processor_name", "dataset_name",
+                 "train_dir", "validation_dir", "test_dir", "train_file", "validation_file", "test_file",
+                 "train_prefix", "validation_prefix", "test_prefix", "resume_from_checkpoint", "argument_file")
+
+
+def run_inputs(*arguments: Any) -> dict[str, str]:
+    """The local paths the run reads, by flag (``--train_dir`` -> path), from the parsed argument instances;
+    a parallel-text prefix counts by its folder, a Hub id (no such local path) not at all."""
+    inputs = {}
+    for instance in arguments:
+        for name in _INPUT_FIELDS:
+            value = getattr(instance, name, None)
+            if isinstance(value, str) and (os.path.exists(value) or name.endswith("_prefix")):
+                inputs[f"--{name}" if name != "argument_file" else "the arguments file"] = value
+    return inputs
 
 
 def _describe(arguments: Any, fields: Sequence[str]) -> str:
@@ -110,7 +135,7 @@ def start_run(
     """Logging, the multi-process launch check, the output folder, the checkpoint to resume from, and the seed.
 
     --output_dir must be new, empty, or hold this same run (`labo_hf.examples.output_folder.prepare_output_dir`;
-    --overwrite_output_dir empties it). Returns the checkpoint for ``trainer.train(resume_from_checkpoint=...)``
+    --overwrite_output_dir deletes what labo-hf runs wrote there). Returns the checkpoint for ``trainer.train(resume_from_checkpoint=...)``
     (--resume_from_checkpoint, else the newest complete one in --output_dir when training, else None) and the
     run's identity, for the trainer's ``run_identity``.
     """
@@ -124,10 +149,18 @@ def start_run(
         script_logger.info("No accelerator: --dataloader_pin_memory has no effect and is turned off.")
         training_args.dataloader_pin_memory = False
     identity = run_identity(model_args, data_args, training_args)
-    # The process that saves for this filesystem empties and claims the folder before the others look at it.
+    # The process that saves for this filesystem locks and empties the folder before the others look at it;
+    # the folder is claimed (its run record written) only once training starts (`train_evaluate_predict`).
     with training_args.main_process_first(local=training_args.save_on_each_node, desc="checking --output_dir"):
-        prepare_output_dir(training_args.output_dir, identity, overwrite=data_args.overwrite_output_dir,
-                           is_main_process=training_args.should_save, logger=script_logger)  # fmt: skip
+        created_lock = training_args.should_save and lock_output_dir(training_args.output_dir)
+        try:
+            prepare_output_dir(training_args.output_dir, identity, overwrite=data_args.overwrite_output_dir,
+                               is_main_process=training_args.should_save, logger=script_logger,
+                               inputs=run_inputs(model_args, data_args, training_args))  # fmt: skip
+        except BaseException:
+            if training_args.should_save:  # refused: the folder is left as it was found
+                unlock_output_dir(training_args.output_dir, remove_file=created_lock)
+            raise
     checkpoint = resolve_checkpoint(training_args, script_logger)
     if checkpoint is not None:
         check_same_run(
@@ -168,7 +201,27 @@ def train_evaluate_predict(
     main process. Returns all the metrics.
     """
     args = trainer.args
+    try:
+        metrics = _stages(trainer, checkpoint, predict_dataset, eval_kwargs, predict_kwargs, predict_metrics,
+                          write_predictions, model_card)
+        if getattr(args, "should_save", False):  # every process loaded the tokenizer shared there long ago
+            shutil.rmtree(os.path.join(args.output_dir, TOKENIZER_STAGING), ignore_errors=True)
+        return metrics
+    finally:
+        if getattr(args, "should_save", False):
+            unlock_output_dir(args.output_dir)
+
+
+def _stages(
+    trainer: Any, checkpoint: str | None, predict_dataset: Any, eval_kwargs: dict[str, Any] | None,
+    predict_kwargs: dict[str, Any] | None, predict_metrics: Callable[..., dict[str, float]] | None,
+    write_predictions: Callable[[Any], None] | None, model_card: dict[str, Any] | None,
+) -> dict[str, float]:
+    args = trainer.args
     all_metrics: dict[str, float] = {}
+    if getattr(args, "should_save", False):
+        # Every input is loaded: the run now claims the folder (writes its run record).
+        claim_output_dir(args.output_dir, trainer.run_identity)
 
     def report(split: str, metrics: dict[str, float]) -> None:
         trainer.log_metrics(split, metrics)
@@ -177,11 +230,15 @@ def train_evaluate_predict(
 
     if args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()  # with the tokenizer or image processor, so the folder reloads with Auto classes
         train_metrics = {**train_result.metrics, "train_samples": len(trainer.train_dataset)}
         if getattr(trainer, "resumed_complete_run", False):
-            # The rerun of a finished run trained nothing: the results of the run are the ones it wrote then.
-            train_metrics = _previous_results(args.output_dir, "train") or train_metrics
+            # The rerun of a finished run trained nothing: the results of the run are the ones it wrote then,
+            # kept in the run record before its final save (which may have been interrupted).
+            train_metrics = (_previous_results(args.output_dir, "train")
+                             or read_run_outputs(args.output_dir).get("train_metrics") or train_metrics)
+        elif args.should_save:
+            add_run_outputs(args.output_dir, train_metrics=train_metrics)
+        trainer.save_model()  # with the tokenizer or image processor, so the folder reloads with Auto classes
         report("train", train_metrics)
         trainer.save_state()
     if args.do_eval:
@@ -195,7 +252,8 @@ def train_evaluate_predict(
         output = trainer.predict(predict_dataset, metric_key_prefix="predict", **(predict_kwargs or {}))
         report("predict", {**(output.metrics or {}), "predict_samples": len(predict_dataset)})
         if write_predictions is not None and trainer.is_world_process_zero():
-            write_predictions(output)
+            with recording_new_entries(args.output_dir):
+                write_predictions(output)
 
     card = {key: value for key, value in (model_card or {}).items() if value is not None}
     if os.path.exists(str(card.get("dataset_tags", ""))):

@@ -7,6 +7,8 @@ from typing import Any
 
 from transformers import CONFIG_MAPPING, PretrainedConfig, PreTrainedTokenizerFast
 
+from labo_hf.examples.cli_args import apply_config_overrides
+
 __all__ = [
     "SCRATCH_CONFIG_OVERRIDES",
     "SCRATCH_MODEL_TYPES",
@@ -102,10 +104,7 @@ def check_scratch_config(model_type: str, overrides: str | None, lengths: dict[s
     its absolute position embeddings: the config without the tokenizer's ids, which change neither."""
     config = CONFIG_MAPPING[model_type]()
     if overrides:
-        try:
-            config.update_from_string(overrides)
-        except ValueError as err:
-            raise ValueError(f"--config_overrides={overrides!r}: {err}") from err
+        apply_config_overrides(config, overrides)
     check_max_positions(config, lengths)
 
 
@@ -145,10 +144,7 @@ def scratch_config(model_type: str, tokenizer: Any, overrides: str | None) -> Pr
         token_ids.update(decoder_vocab_size=vocab_size, forced_eos_token_id=tokenizer.eos_token_id)
     config = CONFIG_MAPPING[model_type](**token_ids)
     if overrides:
-        try:
-            config.update_from_string(overrides)
-        except ValueError as err:
-            raise ValueError(f"--config_overrides={overrides!r}: {err}") from err
+        apply_config_overrides(config, overrides)
         if model_type == "marian" and "vocab_size" in overrides and "decoder_vocab_size" not in overrides:
             config.decoder_vocab_size = config.vocab_size
     for key in ("vocab_size", "decoder_vocab_size"):

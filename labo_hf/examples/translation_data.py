@@ -57,7 +57,9 @@ def read_lines(path: str) -> list[str]:
         # A truncated download or copy: name the file instead of a traceback from inside gzip.
         raise ValueError(f"{path}: corrupt or truncated gzip file ({err}).") from err
     try:
-        text = data.decode("utf-8")
+        # utf-8-sig: a byte order mark that editors put at the start of a file is not text of the first line
+        # (it would reach the tokenizer's vocabulary as a token of its own).
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err}).") from err
     lines = text.split("\n")

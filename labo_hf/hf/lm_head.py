@@ -69,6 +69,9 @@ def check_plain_linear_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
                     f"states ({reason}: config.{field}={value!r}). Use the full-logits loss."
                 )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"fused_linear (--labo_fused_linear) is for causal LMs; {name} has no language-model head "
+                         "(e.g. an image or sequence classifier). Leave it off: the full-logits loss applies.")
     # A subclass that keeps Linear's forward is still a plain linear map (FSDP2 swaps in one, FSDPLinear).
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         raise ValueError(

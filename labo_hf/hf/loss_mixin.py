@@ -6,13 +6,15 @@ processes when ``average_tokens_across_devices`` is on. DDP then averages gradie
 the loss is multiplied by the number of processes (as `transformers.Trainer.compute_loss` does for models
 that take ``num_items_in_batch``); the optimizer step then sees ``global sum / global count`` whatever
 the split over micro-batches and processes. Evaluation losses are each batch's mean over the real samples
-of this process, so ``eval_loss`` counts each sample once with any number of processes.
+of this process; the reported ``eval_loss`` is the mean over the kept positions of the whole evaluation set
+(sum over all batches and processes / their kept count, as ``eval_nll``), whatever the batches hold.
 
 The trainer reads the label regularization once, when built, and refuses later changes of ``args``.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 from accelerate.utils import DistributedType, parse_flag_from_env
 from torch import nn
 from transformers.trainer_utils import EvalLoopOutput
+from transformers.utils import logging
 
 from labo_hf.hf.arguments import LabelRegularization, read_label_regularization
 from labo_hf.hf.model_loss import (
@@ -32,6 +35,8 @@ from labo_hf.hf.model_loss import (
 from labo_hf.loss.validation import LossStats, check_loss_stats
 
 __all__ = ["LABOLossMixin"]
+
+logger = logging.get_logger(__name__)
 
 
 class LABOLossMixin:
@@ -169,7 +174,10 @@ class LABOLossMixin:
                 # once, as with one process.
                 outputs, labels, shift_labels = logits[:real_rows], None, targets[:real_rows]
         loss, stats = self._labo_loss_fn.loss_with_stats(outputs, labels, normalizer, shift_labels=shift_labels)
-        self.record_loss_stats(stats, split)
+        # Evaluation losses are means over this batch's kept positions (`_labo_normalizer`): times the count,
+        # the batch's sum, from which `evaluation_loop` makes the whole set's mean.
+        loss_sum = torch.where(stats.num_kept > 0, loss.detach() * stats.num_kept, 0.0) if split == "eval" else None
+        self.record_loss_stats(stats, split, loss_sum)
         return loss
 
     def _labo_real_eval_rows(self, batch_rows: int) -> int:
@@ -218,14 +226,17 @@ class LABOLossMixin:
 
     # ---- statistics ----
 
-    def record_loss_stats(self, stats: LossStats, split: str = "train") -> None:
-        """Add one loss call's `LossStats` to the running sums of `split` ("train": logged and reset at the next
-        training log; "eval": reported by the running evaluation), on device, without synchronizing. The
-        trainer's own loss records itself; an overridden ``compute_loss`` adding another call's sums uses this."""
+    def record_loss_stats(self, stats: LossStats, split: str = "train", loss_sum: torch.Tensor | None = None) -> None:
+        """Add one loss call's `LossStats` (and, in evaluation, its loss summed over kept positions) to the running
+        sums of `split` ("train": logged and reset at the next training log; "eval": reported by the running
+        evaluation), on device, without synchronizing. The trainer's own loss records itself; an overridden
+        ``compute_loss`` adding another call's sums uses this."""
         if split not in self._labo_stats:
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        loss_sum = torch.zeros_like(stats.nll_sum) if loss_sum is None else loss_sum.to(stats.nll_sum)
         values = torch.stack(
-            [stats.nll_sum, stats.target_prob_sum, stats.smoothing_entropy_sum, stats.num_kept]
+            [stats.nll_sum, stats.target_prob_sum, stats.smoothing_entropy_sum, stats.num_kept.to(stats.nll_sum),
+             loss_sum]
         ).detach()
         current = self._labo_stats[split]
         self._labo_stats[split] = values if current is None else current + values.to(current.device)
@@ -239,15 +250,17 @@ class LABOLossMixin:
         self._labo_stats[split] = None
         if values is None:
             # This process saw no labelled batch; it still joins the collective with zeros.
-            values = torch.zeros(4, device=self.args.device)
+            values = torch.zeros(5, device=self.args.device)
         if self.accelerator.num_processes > 1:
             values = self.accelerator.reduce(values.to(self.args.device), reduction="sum")
-        nll, target_prob, smoothing_entropy, count = values.tolist()
+        nll, target_prob, smoothing_entropy, count, loss_sum = values.tolist()
         # The loss skips its host-syncing input checks on GPUs; an invalid batch left NaN in these sums.
         check_loss_stats((nll, target_prob, smoothing_entropy, count))
         if count == 0:
             return {}
         means = {"nll": nll / count, "target_prob": target_prob / count}
+        if split == "eval":
+            means["loss"] = loss_sum / count
         if self._label_regularization.regularizer != "cross_entropy":
             means["smoothing_entropy"] = smoothing_entropy / count
         return {f"{prefix}{name}": value for name, value in means.items()}
@@ -305,6 +318,13 @@ class LABOLossMixin:
             ignore_keys=ignore_keys,
             metric_key_prefix=metric_key_prefix,
         )
-        output.metrics.update(self._labo_reduce("eval", prefix=f"{metric_key_prefix}_"))
+        evaluated_labels = self._labo_stats["eval"] is not None  # some batch with labels went through the loss
+        means = self._labo_reduce("eval", prefix=f"{metric_key_prefix}_")
+        if not means and evaluated_labels:
+            # Every label position was ignored (-100): no loss is defined, which is said rather than hidden.
+            logger.warning(f"Every label of the {description} set is ignored (-100): {metric_key_prefix}_loss and "
+                           f"{metric_key_prefix}_nll are undefined (NaN).")
+            means = {f"{metric_key_prefix}_loss": math.nan, f"{metric_key_prefix}_nll": math.nan}
+        output.metrics.update(means)
         return output
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch import bool as torch_bool
 
 from labo_hf.hf.lm_head import LinearHeadCapture
 from labo_hf.loss.config import LossConfig
@@ -43,6 +44,9 @@ def check_class_labels(labels: Tensor | None) -> None:
     if labels is not None and labels.is_floating_point():
         raise ValueError("LABO needs integer class labels; got floating-point labels (regression or multi-label "
                          "classification have no label to smooth)")
+    if labels is not None and labels.dtype is torch_bool:
+        raise ValueError("LABO needs integer class labels; got bool labels (True/False would silently be read as "
+                         "classes 1/0). Convert them to class indices, e.g. labels.long().")
 
 
 def is_causal_lm(model: nn.Module) -> bool:

@@ -11,7 +11,8 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -27,13 +28,36 @@ from labo_hf.hf.checkpoints import (
     STAGING_PREFIX,
     check_checkpoint_complete,
     find_last_complete_checkpoint,
+    hash_in_background,
     publish_checkpoint,
+    unloadable_checkpoint_error,
 )
-from labo_hf.hf.run_record import check_same_run, read_run_record, write_run_record
+from labo_hf.hf.run_record import (
+    add_run_outputs,
+    check_same_run,
+    read_run_record,
+    recording_new_entries,
+    write_run_record,
+)
+from labo_hf.hf.safe_files import raise_if_disk_full
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["RunGuardMixin"]
+
+
+@contextmanager
+def _named_load_errors(folder: str | None) -> Iterator[None]:
+    # A checkpoint without content hashes (plain transformers) can still fail inside torch.load; say which one,
+    # without torch's advice to load it unsafely.
+    try:
+        yield
+    except (ValueError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to read the files
+        if folder is None:
+            raise
+        raise unloadable_checkpoint_error(folder, err) from None
 
 _TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
 
@@ -52,6 +76,7 @@ class RunGuardMixin:
         self._labo_staging_root: str | None = None  # set while a checkpoint is being written
         self._labo_results_started = False
         self._labo_resumed_complete = False  # `train` resumed from the final checkpoint of a finished run
+        self._labo_hasher: Any = None  # the thread adding content hashes to the newest checkpoint's manifest
 
     @property
     def resumed_complete_run(self) -> bool:
@@ -97,7 +122,10 @@ class RunGuardMixin:
                 "load them as the model (e.g. --model_name_or_path CHECKPOINT).",
             )
         self._labo_resumed_complete = False
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._labo_wait_for_hashes()
         if self._labo_resumed_complete:
             # No step ran in this call, so it has no training loss; the finished run's own is in its first results.
             output.metrics.pop("train_loss", None)
@@ -143,9 +171,20 @@ class RunGuardMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model`, plus the run record (``labo_run.json``) naming how the model was trained."""
         self.check_label_regularization_unchanged()
-        super().save_model(output_dir, _internal_call=_internal_call)
-        if self.args.should_save:
-            write_run_record(output_dir if output_dir is not None else self.args.output_dir, self.run_identity)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        # The final save into the output folder: its new entries are the run's (a failed save removes them).
+        with recording_new_entries(folder, self.args.should_save and not _internal_call):
+            super().save_model(output_dir, _internal_call=_internal_call)
+            if self.args.should_save:
+                write_run_record(folder, self.run_identity)
+
+    def save_state(self) -> None:
+        with recording_new_entries(self.args.output_dir, self.args.should_save):
+            super().save_state()
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        with recording_new_entries(self.args.output_dir, self.is_world_process_zero()):
+            super().create_model_card(*args, **kwargs)
 
     def save_metrics(self, split: str, metrics: dict[str, float], combined: bool = True) -> None:
         """`Trainer.save_metrics`, where ``all_results.json`` combines this trainer's results only.
@@ -160,7 +199,8 @@ class RunGuardMixin:
                 os.remove(stale)
         if combined:
             self._labo_results_started = True
-        super().save_metrics(split, metrics, combined=combined)
+        with recording_new_entries(self.args.output_dir, self.is_world_process_zero()):
+            super().save_metrics(split, metrics, combined=combined)
 
     # ---- atomic checkpoints ----
     # These overrides rely on how transformers 5.25.0's `Trainer._save_checkpoint` works (see
@@ -190,12 +230,19 @@ class RunGuardMixin:
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging_root = os.path.join(run_dir, f"{STAGING_PREFIX}{name}")
         staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        self._labo_wait_for_hashes()
         if self.args.should_save:
             shutil.rmtree(staging_root, ignore_errors=True)  # left by a save that was interrupted
         self.accelerator.wait_for_everyone()
         self._labo_staging_root = staging_root
         try:
             super()._save_checkpoint(model, trial)
+        except BaseException as err:
+            # Nothing partial stays behind: the rerun resumes from the previous checkpoint.
+            if self.args.should_save:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            raise_if_disk_full(err, staged, f"checkpoint {name}")
+            raise
         finally:
             self._labo_staging_root = None
         if self.state.best_model_checkpoint == staged:
@@ -205,8 +252,15 @@ class RunGuardMixin:
                 self.state.save_to_json(os.path.join(staged, _TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            publish_checkpoint(staged, final)
+            try:
+                publish_checkpoint(staged, final, hash_now=False)
+            except BaseException:
+                if os.path.isdir(staged):  # not published: the previous checkpoints stay the newest
+                    shutil.rmtree(staging_root, ignore_errors=True)
+                raise
             shutil.rmtree(staging_root, ignore_errors=True)
+            add_run_outputs(run_dir, [name])
+            self._labo_hasher = hash_in_background(final)
             rotate_checkpoints(
                 output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                 best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
@@ -219,11 +273,20 @@ class RunGuardMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         # `model` is only passed for DeepSpeed/FSDP/SageMaker, left to transformers.
-        if model is None and self._labo_needs_weight_conversion(resume_from_checkpoint):
-            logger.info(f"Loading model weights from {resume_from_checkpoint} (with weight-name conversion).")
-            reload_weights_with_conversion(self.model, resume_from_checkpoint)
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        with _named_load_errors(resume_from_checkpoint):
+            if model is None and self._labo_needs_weight_conversion(resume_from_checkpoint):
+                logger.info(f"Loading model weights from {resume_from_checkpoint} (with weight-name conversion).")
+                reload_weights_with_conversion(self.model, resume_from_checkpoint)
+                return
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        with _named_load_errors(checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        with _named_load_errors(checkpoint):
+            super()._load_rng_state(checkpoint)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
@@ -232,6 +295,11 @@ class RunGuardMixin:
             reload_weights_with_conversion(self.model, best)
             return
         super()._load_best_model()
+
+    def _labo_wait_for_hashes(self) -> None:
+        if self._labo_hasher is not None:
+            self._labo_hasher.join()
+            self._labo_hasher = None
 
     def _labo_needs_weight_conversion(self, folder: str) -> bool:
         plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(self.model, "peft_config"))

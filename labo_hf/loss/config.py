@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,12 @@ MIN_TEMPERATURE = 1e-30
 # logits (64 MiB in float32: the loss allocates a few buffers of this size for its own work, so a chunk's peak is a
 # few hundred MiB whatever N is; fewer, larger chunks keep the matmuls efficient). Read at each call.
 _CHUNK_ELEMENTS = {"kernels": _KERNEL_CHUNK_ELEMENTS, "fused_linear": 1 << 24}
+
+
+def _is_number(value: object) -> bool:
+    # numbers.Real covers numpy scalars (np.float32 is not a float subclass, np.float64 is); bools are not numbers
+    # here, numpy's included.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
 
 
 def resolve_hyperparameters(
@@ -46,7 +53,7 @@ def resolve_hyperparameters(
         resolved_alpha = 0.0
     else:
         resolved_alpha = DEFAULT_ALPHA if alpha is None else alpha
-        if isinstance(resolved_alpha, bool) or not isinstance(resolved_alpha, int | float):
+        if not _is_number(resolved_alpha):
             raise ValueError(f"alpha must be a number in [0, 1), got {resolved_alpha!r}")
         if not 0.0 <= float(resolved_alpha) < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {resolved_alpha!r}")
@@ -58,9 +65,9 @@ def resolve_hyperparameters(
             )
         return float(resolved_alpha), None
     resolved_t = DEFAULT_TEMPERATURE if temperature is None else temperature
-    if isinstance(resolved_t, bool) or not isinstance(resolved_t, int | float):
+    if not _is_number(resolved_t):
         raise ValueError(f"temperature must be a positive number, got {resolved_t!r}")
-    if not (math.isfinite(resolved_t) and resolved_t > 0):
+    if not (math.isfinite(float(resolved_t)) and resolved_t > 0):
         raise ValueError(f"temperature must be finite and > 0, got {resolved_t!r}")
     if resolved_t < MIN_TEMPERATURE:
         raise ValueError(

@@ -100,7 +100,9 @@ def help_text(script: str, capsys) -> str:
 
 def help_commands(script: str, capsys) -> list[str]:
     text = help_text(script, capsys)
-    return _command_lines(text[: text.index("\noptions:")], indent="    ")
+    # The free text ends where argparse's first group of flags begins.
+    end = re.search(r"\n(options|the script's flags[^\n]*):\n", text)
+    return _command_lines(text[: end.start()], indent="    ")
 
 
 # ---- local stand-ins ----
@@ -274,7 +276,7 @@ def test_all_outputs_go_under_one_ignored_folder(capsys):
     folders = {shlex.split(c)[shlex.split(c).index("--output_dir") + 1].split("/")[0]
                for c in commands if "--output_dir" in c}
     assert folders == {"outputs"}
-    python = "".join(_blocks(path.read_text(), "python") for path in DOCS.values())
+    python = "".join(block for path in DOCS.values() for block in _blocks(path.read_text(), "python"))
     assert set(re.findall(r"output_dir=\"([^/\"]+)", python)) <= {"outputs"}
     ignored = subprocess.run(["git", "check-ignore", "-q", "outputs/any/file"], cwd=ROOT)
     assert ignored.returncode == 0, "outputs/ is not ignored by .gitignore"
@@ -316,7 +318,8 @@ def test_readme_python_blocks_run(doc, hub, tmp_path, monkeypatch):
             block = block.replace(f'"{name}"', repr(str(hub / local)))
         block = re.sub(r"max_steps=\d+", "max_steps=2", block)
         exec(compile(block, f"{doc} python block {number}", "exec"), namespace)  # noqa: S102
-    assert (tmp_path / "outputs").is_dir()
+    if ".train()" in DOCS[doc].read_text():
+        assert (tmp_path / "outputs").is_dir()
 
 
 def _run_documented(command: str, hub: Path, cwd: Path, monkeypatch) -> None:

@@ -536,12 +536,14 @@ def test_help_lists_labo_flags(capsys: pytest.CaptureFixture, monkeypatch: pytes
 
 
 def test_resolve_checkpoint(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
     from labo_hf.examples.launch import resolve_checkpoint
 
     for name in ("checkpoint-4", "checkpoint-12"):  # complete as far as resuming needs: state and weights
         (tmp_path / name).mkdir()
         (tmp_path / name / "trainer_state.json").write_text("{}")
-        (tmp_path / name / "model.safetensors").write_bytes(b"")
+        save_file({"w": torch.zeros(1)}, tmp_path / name / "model.safetensors")  # loadable (an empty file is not)
     (tmp_path / "checkpoint-16").mkdir()  # a save that never finished: skipped
     args = SimpleNamespace(resume_from_checkpoint=None, do_train=True, output_dir=str(tmp_path))
     assert resolve_checkpoint(args) == str(tmp_path / "checkpoint-12")  # the last one, by step

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import collate, common_args, image_examples, tiny_vit
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from labo_hf.hf.arguments import LABOTrainingArguments
 from labo_hf.hf.checkpoints import (
@@ -117,7 +117,7 @@ def test_checkpoints_of_plain_transformers_still_resume(tmp_path):
     # No manifest: complete when the trainer state and weights are there.
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
-    (tmp_path / "checkpoint-3" / "model.safetensors").write_bytes(b"x")
+    save_file({"w": torch.zeros(2)}, tmp_path / "checkpoint-3" / "model.safetensors")
     assert find_last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-3")
     (tmp_path / "checkpoint-5").mkdir()
     (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")

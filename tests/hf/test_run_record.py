@@ -9,7 +9,7 @@ import os
 import pytest
 from conftest import collate, common_args, image_examples, tiny_vit
 
-from labo_hf.examples.output_folder import prepare_output_dir
+from labo_hf.examples.output_folder import claim_output_dir, prepare_output_dir
 from labo_hf.hf.arguments import LABOTrainingArguments
 from labo_hf.hf.run_record import RUN_RECORD_NAME, read_run_record, write_run_record
 from labo_hf.hf.trainers import LABOTrainer
@@ -22,6 +22,8 @@ CE = {**LABO, "label_regularizer": "cross_entropy", "label_regularizer_alpha": 0
 def test_new_folder_gets_the_record_and_the_same_run_continues(tmp_path):
     out = str(tmp_path / "out")
     assert prepare_output_dir(out, LABO, overwrite=False, is_main_process=True) is False
+    assert read_run_record(out) is None  # claimed only once training starts
+    claim_output_dir(out, LABO)
     assert read_run_record(out) == LABO
     (tmp_path / "out" / "checkpoint-2").mkdir()
     assert prepare_output_dir(out, LABO, overwrite=False, is_main_process=True) is True
@@ -49,10 +51,12 @@ def test_unrelated_non_empty_folder_is_refused_and_its_readme_kept(tmp_path):
 
 
 def test_overwrite_output_dir_starts_clean(tmp_path):
-    write_run_record(str(tmp_path), LABO)
+    write_run_record(str(tmp_path), LABO, {"entries": ["checkpoint-2", "all_results.json"]})
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "all_results.json").write_text("{}")
     assert prepare_output_dir(str(tmp_path), CE, overwrite=True, is_main_process=True) is False
+    assert sorted(os.listdir(tmp_path)) == []
+    claim_output_dir(str(tmp_path), CE)
     assert sorted(os.listdir(tmp_path)) == [RUN_RECORD_NAME]
     assert read_run_record(str(tmp_path)) == CE
 

@@ -324,14 +324,17 @@ def test_seq2seq_eval_nll(predict_with_generate, tmp_path):
     assert metrics["eval_nll"] == pytest.approx(_reference_nll(model, full), rel=1e-5)
     assert 0.0 < metrics["eval_target_prob"] < 1.0
     assert "eval_smoothing_entropy" in metrics
-    # eval_loss: mean of the per-batch label-regularized losses (batches of 4, 4 and 2 examples).
-    batch_losses = []
+    # eval_loss: the label-regularized loss per kept position of the whole set (batches of 4, 4 and 2 examples
+    # keeping different numbers of positions: each batch's mean weighted by its kept count, not by its size).
+    loss_sum, kept = 0.0, 0
     for start in range(0, 10, 4):
         batch = collate(eval_examples[start:start + 4])
         with torch.no_grad():
             logits = model(**batch).logits
-        batch_losses.append(label_regularized_loss(logits, batch["labels"], alpha=0.2, temperature=1.5).item())
-    assert metrics["eval_loss"] == pytest.approx(sum(batch_losses) / len(batch_losses), rel=1e-5)
+        count = int((batch["labels"] != IGNORE).sum())
+        loss_sum += label_regularized_loss(logits, batch["labels"], alpha=0.2, temperature=1.5).item() * count
+        kept += count
+    assert metrics["eval_loss"] == pytest.approx(loss_sum / kept, rel=1e-5)
     if predict_with_generate:
         assert generated[0].shape[0] == 10 and generated[0].ndim == 2  # generated token ids
         assert generated[0].dtype.kind == "i"
