@@ -51,7 +51,7 @@ def test_help_lists_script_then_labo_then_training_flags(script, own_flags, caps
 
 
 def test_parsing_is_unchanged_by_the_help_order(tmp_path):
-    model_args, data_args, args = run_translation.parse_arguments([
+    model_args, data_args, args, _ = run_translation.parse_arguments([
         "--model_type", "marian", "--train_prefix", "p", "--source_lang", "de", "--target_lang", "en",
         "--do_train", "--output_dir", str(tmp_path), "--label_regularizer", "label_smoothing",
         "--label_regularizer_alpha", "0.2", "--learning_rate", "0.003",

@@ -209,7 +209,7 @@ SMALL = "image_size=8,patch_size=4,hidden_size=16,num_hidden_layers=1,num_attent
 
 @pytest.mark.parametrize("extra, message", [
     (["--config_overrides", "image_size=8,patch_sise=4"], r"--config_overrides='image_size=8,patch_sise=4': key patch_sise"),
-    (["--config_overrides", SMALL, "--labo_fused_linear"], r"--labo_fused_linear\) is for causal LMs"),
+    (["--config_overrides", SMALL, "--labo_fused_linear"], r"--labo_fused_linear applies to decoder-only causal LMs"),
     (["--config_overrides", SMALL, "--gradient_accumulation_steps", "0"],
      r"--gradient_accumulation_steps must be at least 1, got 0"),
 ])
