@@ -17,6 +17,10 @@ GPU_LAUNCH_LINES = (
     ("accelerate launch --num_processes 8 {script} {args}", "the same with accelerate"),
     ("accelerate launch --num_machines 2 --machine_rank 0 --main_process_ip HOST --num_processes 16 {script} {args}",
      "two machines of 8 GPUs (machine_rank 1 on the second)"),
+    ("accelerate launch --config_file docs/accelerate/fsdp2.yaml {script} {args}",
+     "FSDP2: parameters, gradients and optimizer state sharded over the GPUs"),
+    ("accelerate launch --config_file docs/accelerate/zero3.yaml {script} {args}",
+     "DeepSpeed ZeRO-3 (pip install 'labo-hf[deepspeed]')"),
 )
 CPU_LAUNCH_LINES = (
     ("torchrun --nproc_per_node 2 {script} {args} --use_cpu", "2 processes on a CPU-only machine (gloo)"),
