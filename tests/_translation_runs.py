@@ -45,3 +45,4 @@ def previous_run(out: Path, entries: list[str]) -> None:
 
 def tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+

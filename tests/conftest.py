@@ -293,3 +293,14 @@ def loss_kwargs(regularizer: str) -> dict[str, Any]:
         "alpha": fields.get("label_regularizer_alpha"),
         "temperature": fields.get("labo_temperature"),
     }
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """A small parallel training corpus (train.de, train.en) in its own folder; its prefix (tests/examples)."""
+    from _translation_runs import write_parallel
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_parallel(folder / "train")
+    return folder / "train"

@@ -23,15 +23,6 @@ import run_translation  # noqa: E402
 from labo_hf.hf.run_record import RUN_RECORD_NAME, read_run_outputs  # noqa: E402
 from labo_hf.hf.safe_files import DiskFullError  # noqa: E402
 
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    folder = tmp_path / "data"
-    folder.mkdir()
-    write_parallel(folder / "train")
-    return folder / "train"
-
-
 # ---- 4: content-checked checkpoints ----
 
 def _zero(path: Path) -> None:

@@ -25,15 +25,6 @@ import run_image_classification  # noqa: E402
 import run_translation  # noqa: E402
 from labo_hf.hf.run_record import RUN_RECORD_NAME, read_run_outputs  # noqa: E402
 
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    folder = tmp_path / "data"
-    folder.mkdir()
-    write_parallel(folder / "train")
-    return folder / "train"
-
-
 # ---- 1, 2: --overwrite_output_dir deletes only what labo-hf runs wrote ----
 
 @pytest.mark.parametrize("flag", ["train_prefix", "model_name_or_path", "resume_from_checkpoint"])
