@@ -49,6 +49,25 @@ def check_class_labels(labels: Tensor | None) -> None:
                          "classes 1/0). Convert them to class indices, e.g. labels.long().")
 
 
+def _refuse_missing_decoder_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    if args or any(kwargs.get(key) is not None for key in ("labels", "decoder_input_ids", "decoder_inputs_embeds")):
+        return
+    raise ValueError(
+        f"{type(module).__name__} got no decoder_input_ids: with compute_loss_func the Trainer runs the model without "
+        "labels, so an encoder-decoder cannot build its decoder inputs itself. Add them in the collator "
+        "(DataCollatorForSeq2Seq(tokenizer, model=model) does), or train with LABOSeq2SeqTrainer, which builds them."
+    )
+
+
+def _watch_decoder_inputs(model: nn.Module) -> Any:
+    """For an encoder-decoder `model`, a forward pre-hook that says how to add decoder inputs when a batch has none
+    (transformers' own error, "cannot specify both decoder_input_ids and decoder_inputs_embeds", names neither)."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    if not getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return None
+    return base.register_forward_pre_hook(_refuse_missing_decoder_inputs, with_kwargs=True)
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     """Whether `model` (possibly PEFT-wrapped) is a decoder-only language model: its labels are shifted (position i
     predicts label i + 1). transformers marks most with ``loss_type="ForCausalLM"``; some (GPT-2) only by being in
@@ -155,7 +174,8 @@ class LABOLossFunction:
             ZeRO-3) hand it the whole weight; after the model's forward by default, or inside it when the targets
             are given first with ``expect`` (as `LABOTrainer` and `apply_labo` do; needed when the lm_head is
             resharded with an FSDP2 root after the forward).
-        model: the model the Trainer trains (only for ``fused_linear``; hooks are added, ``.remove()`` drops them).
+        model: the model the Trainer trains: needed for ``fused_linear``; for an encoder-decoder, a batch without
+            decoder inputs is then refused saying how to add them (hooks are added, ``.remove()`` drops them).
         chunk_size: rows per chunk of the fused loss.
         hook_forward: for ``fused_linear``, arm the hidden-state capture from a forward pre-hook on ``model`` (False:
             the caller arms it, as `apply_labo`'s patched forward does).
@@ -189,6 +209,7 @@ class LABOLossFunction:
         self.shift_labels = shift_labels
         self.chunk_size = chunk_size
         self.head = LinearHeadCapture(model, hook_forward=hook_forward) if fused_linear else None
+        self._decoder_check = _watch_decoder_inputs(model) if model is not None and not fused_linear else None
         self.last_stats: LossStats | None = None
         self.last_fused = False
         self._expected: tuple = (None, None, None)  # the targets given to `expect`
@@ -306,10 +327,13 @@ class LABOLossFunction:
             self._count_watch = None
 
     def remove(self) -> None:
-        """Remove the hooks ``fused_linear`` put on the model."""
+        """Remove the hooks put on ``model`` (``fused_linear``'s capture, the decoder-input check)."""
         if self.head is not None:
             self.head.remove()
             self.head = None
+        if self._decoder_check is not None:
+            self._decoder_check.remove()
+            self._decoder_check = None
 
 
 def labo_loss_func(

@@ -128,3 +128,24 @@ def test_trainer_exposes_its_loss_function_read_only(tmp_path):
         trainer.labo_loss_function = labo_loss_func()
     with pytest.raises(ValueError, match="split must be"):
         trainer.record_loss_stats(loss_fn.last_stats, "test")
+
+
+def test_seq2seq_trainer_without_decoder_inputs_says_how_to_add_them(tmp_path):
+    """A plain Seq2SeqTrainer with compute_loss_func runs the model without labels; a collator that adds no decoder
+    inputs then meets transformers' "cannot specify both decoder_input_ids and decoder_inputs_embeds". Given the
+    model, the loss function names the fix instead; remove() takes the check away."""
+    from conftest import common_args
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    task = TASKS["marian"]
+    model = task.make_model()
+    loss_fn = labo_loss_func(model=model)
+    trainer = Seq2SeqTrainer(model=model, args=Seq2SeqTrainingArguments(**common_args(str(tmp_path), max_steps=1)),
+                             train_dataset=task.make_examples(8), data_collator=collate, compute_loss_func=loss_fn)
+    with pytest.raises(ValueError, match=r"no decoder_input_ids.*DataCollatorForSeq2Seq\(tokenizer, model=model\)"):
+        trainer.train()
+    batch = collate(task.make_examples(2))
+    assert model(**batch).loss is not None  # with labels, the model builds its decoder inputs itself
+    loss_fn.remove()
+    with pytest.raises(ValueError, match="decoder_input_ids"):  # transformers' own error, as without the model
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
