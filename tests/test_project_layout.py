@@ -221,3 +221,11 @@ def test_optional_dependencies_stay_in_their_modules() -> None:
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip() == "", f"optional dependencies imported by `import labo_hf`: {completed.stdout}"
+
+
+def test_architecture_page_names_every_module() -> None:
+    """docs/architecture.md has one line per module: a new module without its line fails here."""
+    page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = [str(path.relative_to(PACKAGE)) for path in sorted(PACKAGE.rglob("*.py"))
+               if path.name != "__init__.py" and f"| `{path.relative_to(PACKAGE)}` |" not in page]
+    assert not missing, f"modules without their line in docs/architecture.md: {missing}"
