@@ -75,9 +75,12 @@ class LABOLossMixin:
         self._labo_shift_labels = bool(getattr(self, "_loss_shifts_labels", False)) or is_causal_lm(self.model)
         self._loss_shifts_labels = self._labo_shift_labels
         # The loss itself is the one `labo_loss_func` gives plain Trainers: one implementation for every way in.
+        # The model only for the fused loss's capture: compute_loss builds decoder inputs itself, so the loss
+        # function's decoder-input check (for plain Trainers) is not wanted on the model.
+        fused = bool(getattr(self.args, "labo_fused_linear", False))
         self._labo_loss_fn = LABOLossFunction.from_config(
-            self._labo_config, shift_labels=self._labo_shift_labels,
-            fused_linear=bool(getattr(self.args, "labo_fused_linear", False)), model=self.model,
+            self._labo_config, shift_labels=self._labo_shift_labels, fused_linear=fused,
+            model=self.model if fused else None,
         )
         self._labo_warn_if_fsdp_dropped()
         # Running sums (nll, target_prob, smoothing_entropy, count) kept on device without syncing;
