@@ -143,11 +143,6 @@ def start_run(
     if applied_defaults:
         script_logger.info(f"Script defaults applied (flags you did not set): {applied_defaults}")
     check_launch_matches_world_size(training_args)
-    if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
-        # Pinning only speeds up copies to an accelerator; without one torch ignores it with a UserWarning
-        # at every data loader, which reads like a problem to a newcomer running the CPU quick start.
-        script_logger.info("No accelerator: --dataloader_pin_memory has no effect and is turned off.")
-        training_args.dataloader_pin_memory = False
     identity = run_identity(model_args, data_args, training_args)
     # The process that saves for this filesystem locks and empties the folder before the others look at it;
     # the folder is claimed (its run record written) only once training starts (`train_evaluate_predict`).

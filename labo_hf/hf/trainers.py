@@ -89,7 +89,7 @@ class LABOModelCardMixin:
 class CPUDataLoaderMixin:
     """Turn off ``dataloader_pin_memory`` where there is no accelerator: pinning only speeds up copies to one, and
     without one torch ignores it with a UserWarning from every data loader, which the user cannot act on (the
-    example scripts do the same before building the trainer)."""
+    example scripts rely on this too)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
